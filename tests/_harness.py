@@ -1,0 +1,63 @@
+"""Helpers shared by tests, importable from spawned child processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import traceback
+from typing import Any, Callable
+
+NUM_LOGICAL_DEVICES = 4
+DEFAULT_TIMEOUT = 600
+
+
+def split_cpu(count: int = NUM_LOGICAL_DEVICES) -> None:
+    """Splits the physical CPU into ``count`` logical devices (before TF init)."""
+    import tensorflow as tf
+
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * count
+        )
+    except RuntimeError:
+        # TF already initialised in this process: keep what exists, but say so.
+        existing = len(tf.config.list_logical_devices("CPU"))
+        if existing != count:
+            raise
+
+
+def _child(result_queue, fn, args, kwargs) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        result_queue.put(("ok", fn(*args, **kwargs)))
+    except BaseException:  # noqa: BLE001 - reported to the parent verbatim
+        result_queue.put(("error", traceback.format_exc()))
+
+
+def run_in_fresh_process(
+    fn: Callable[..., Any], *args, timeout: float = DEFAULT_TIMEOUT, **kwargs
+) -> Any:
+    """Runs ``fn(*args, **kwargs)`` in a spawned process; returns its result."""
+    context = multiprocessing.get_context("spawn")
+    result_queue = context.Queue()
+    process = context.Process(
+        target=_child, args=(result_queue, fn, args, kwargs), daemon=True
+    )
+    process.start()
+    try:
+        status, payload = result_queue.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(
+            f"{getattr(fn, '__name__', fn)} did not finish within {timeout}s "
+            f"(child exit code {process.exitcode})."
+        ) from None
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    if status == "error":
+        raise AssertionError(f"child process failed:\n{payload}")
+    return payload

@@ -1,0 +1,101 @@
+"""local_cluster() and the TF_CONFIG helpers."""
+
+import json
+import socket
+
+import pytest
+
+from tf_async import cluster
+
+
+def test_tf_config_round_trip():
+    spec = {"chief": ["localhost:1111"], "worker": ["localhost:2222", "localhost:3333"]}
+    text = cluster.make_tf_config(spec, "worker", 1)
+    config = cluster.parse_tf_config(text)
+    assert config["task"] == {"type": "worker", "index": 1}
+    assert config["cluster"] == spec
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("not json", "not valid JSON"),
+        ("[]", "JSON object"),
+        (json.dumps({"task": {"type": "worker", "index": 0}}), "cluster"),
+        (json.dumps({"cluster": {"boss": ["h:1"]}, "task": {"type": "boss"}}), "unknown job"),
+        (json.dumps({"cluster": {"worker": ["nohostport"]}, "task": {"type": "worker"}}), "malformed address"),
+        (json.dumps({"cluster": {"worker": ["h:1"]}, "task": {"type": "ps", "index": 0}}), "not a job"),
+        (json.dumps({"cluster": {"worker": ["h:1"]}, "task": {"type": "worker", "index": 3}}), r"\[0, 0\]"),
+        (json.dumps({"cluster": {"worker": ["h:1"], "chief": ["h:2", "h:3"]}, "task": {"type": "worker"}}), "exactly one"),
+    ],
+)
+def test_malformed_tf_config_raises_value_error(text, message):
+    with pytest.raises(ValueError, match=message):
+        cluster.parse_tf_config(text)
+
+
+def test_unset_tf_config_raises(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="not set"):
+        cluster.parse_tf_config()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"workers": 0}, "`workers` must be >= 1"),
+    ({"workers": 1, "ps": -1}, "`ps` must be >= 0"),
+    ({"workers": 1, "ps": 1, "worker_inter_op_threads": 0}, "worker_inter_op_threads"),
+    ({"workers": 2, "ps": 0, "worker_ports": [5000]}, "must list 2 ports"),
+])
+def test_local_cluster_bad_counts(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cluster.local_cluster(**kwargs)
+
+
+def test_local_cluster_port_in_use():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"`ps_ports`={port} is already in use"):
+            cluster.local_cluster(workers=1, ps=1, ps_ports=[port])
+
+
+def _train_on_local_cluster(workers, ps, steps):
+    """Child process: raw TF parameter-server training on local_cluster()."""
+    import tensorflow as tf
+
+    from tf_async import cluster as cluster_module
+
+    resolver = cluster_module.local_cluster(workers=workers, ps=ps)
+    spec = resolver.cluster_spec().as_dict()
+    strategy = tf.distribute.experimental.ParameterServerStrategy(resolver)
+    coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(strategy)
+    with strategy.scope():
+        w = tf.Variable(0.0)
+        counter = tf.Variable(0, dtype=tf.int64)
+
+    @tf.function
+    def step():
+        def replica_fn():
+            w.assign_add(1.0)
+            counter.assign_add(1)
+
+        strategy.run(replica_fn)
+
+    for _ in range(steps):
+        coordinator.schedule(step)
+    coordinator.join()
+    return {
+        "spec": spec,
+        "counter": int(counter.numpy()),
+        "w_device": w.device,
+    }
+
+
+@pytest.mark.slow
+def test_local_cluster_trains_with_parameter_server_strategy(fresh_process):
+    result = fresh_process(_train_on_local_cluster, 2, 1, 20, timeout=300)
+    assert len(result["spec"]["worker"]) == 2 and len(result["spec"]["ps"]) == 1
+    assert all(a.startswith("localhost:") for a in result["spec"]["worker"])
+    assert result["counter"] == 20
+    assert "/job:ps" in result["w_device"]

@@ -1,0 +1,275 @@
+"""Clusters on one machine: the embedded in-process cluster and TF_CONFIG helpers.
+
+* ``local_cluster(workers=2, ps=1)`` starts ``tf.distribute.Server``s for the
+  worker and parameter-server tasks inside this process, on loopback ports, and
+  returns a ``tf.distribute.cluster_resolver.ClusterResolver`` whose chief is
+  this process. It is the default cluster of every example and test.
+* ``make_tf_config`` / ``parse_tf_config`` build and validate ``TF_CONFIG``
+  (used by ``python -m tf_async.launch``).
+* ``serve_forever_if_server_task()`` is what a script run by the launcher
+  calls first: in a ``worker``/``ps`` task of a parameter-server cluster it
+  starts the task's server and never returns.
+
+A process that connected to a cluster (ParameterServerStrategy sets a remote
+eager context) cannot disconnect; run each cluster in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence
+
+if TYPE_CHECKING:  # TensorFlow is imported lazily: the launcher must stay light.
+    import tensorflow as tf
+
+__all__ = [
+    "local_cluster",
+    "pick_unused_port",
+    "check_port_free",
+    "make_tf_config",
+    "parse_tf_config",
+    "serve_forever_if_server_task",
+]
+
+LOOPBACK = "localhost"
+
+# Servers of local clusters must outlive the resolver objects users may drop;
+# TF gives no way to stop an in-process server, so they live with the process.
+_LIVE_SERVERS: List["tf.distribute.Server"] = []
+
+
+def pick_unused_port() -> int:
+    """A TCP port that is free on loopback right now (kernel-assigned)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_port_free(port: int, argument: str = "port") -> None:
+    """Raises ``ValueError`` naming ``argument`` if ``port`` is taken or invalid."""
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"`{argument}` must be an int, got {port!r}.")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"`{argument}` must be in [1, 65535], got {port}.")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise ValueError(
+                f"`{argument}`={port} is already in use on localhost ({error}). "
+                "Pick another port or leave it unset to choose free ones."
+            ) from None
+
+
+def _check_counts(workers: int, ps: int) -> None:
+    for name, value, low in (("workers", workers, 1), ("ps", ps, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"`{name}` must be an int, got {value!r}.")
+        if value < low:
+            raise ValueError(f"`{name}` must be >= {low}, got {value}.")
+
+
+def _ports(count: int, ports: Optional[Sequence[int]], argument: str) -> List[int]:
+    if ports is None:
+        chosen: List[int] = []
+        while len(chosen) < count:
+            port = pick_unused_port()
+            if port not in chosen:
+                chosen.append(port)
+        return chosen
+    ports = list(ports)
+    if len(ports) != count:
+        raise ValueError(f"`{argument}` must list {count} ports, got {len(ports)}.")
+    if len(set(ports)) != len(ports):
+        raise ValueError(f"`{argument}` has duplicate ports: {ports}.")
+    for port in ports:
+        check_port_free(port, argument)
+    return ports
+
+
+def local_cluster(
+    workers: int = 2,
+    ps: int = 1,
+    *,
+    worker_ports: Optional[Sequence[int]] = None,
+    ps_ports: Optional[Sequence[int]] = None,
+    worker_inter_op_threads: Optional[int] = None,
+) -> "tf.distribute.cluster_resolver.SimpleClusterResolver":
+    """Starts an in-process cluster on localhost; returns its resolver.
+
+    This process is the ``chief`` (coordinator); ``workers`` worker servers and
+    ``ps`` parameter-server servers run inside it.
+
+    Args:
+      workers: number of worker tasks, >= 1.
+      ps: number of parameter-server tasks, >= 0 (0 gives a worker-only
+        cluster, e.g. for inspection; parameter-server strategies need >= 1).
+      worker_ports / ps_ports: explicit ports (default: free ones).
+      worker_inter_op_threads: inter-op threads of each worker server. The
+        default ``workers + 1`` keeps scheduled steps from deadlocking on
+        small (2-core) machines.
+
+    Returns:
+      A ``SimpleClusterResolver`` (rpc_layer ``grpc``) for
+      ``ParameterServerStrategy`` / ``AsyncParameterServerStrategy``.
+
+    Raises:
+      ValueError: workers < 1, ps < 0, a port in use, wrong number of ports.
+    """
+    import tensorflow as tf
+
+    _check_counts(workers, ps)
+    if worker_inter_op_threads is None:
+        worker_inter_op_threads = workers + 1
+    elif worker_inter_op_threads < 1:
+        raise ValueError(
+            "`worker_inter_op_threads` must be >= 1, got "
+            f"{worker_inter_op_threads}."
+        )
+    worker_addresses = [
+        f"{LOOPBACK}:{p}" for p in _ports(workers, worker_ports, "worker_ports")
+    ]
+    ps_addresses = [f"{LOOPBACK}:{p}" for p in _ports(ps, ps_ports, "ps_ports")]
+    cluster_dict: Dict[str, List[str]] = {"worker": worker_addresses}
+    if ps:
+        cluster_dict["ps"] = ps_addresses
+    cluster_spec = tf.train.ClusterSpec(cluster_dict)
+
+    worker_config = tf.compat.v1.ConfigProto()
+    worker_config.inter_op_parallelism_threads = worker_inter_op_threads
+    for index in range(workers):
+        _LIVE_SERVERS.append(
+            tf.distribute.Server(
+                cluster_spec,
+                job_name="worker",
+                task_index=index,
+                config=worker_config,
+                protocol="grpc",
+            )
+        )
+    for index in range(ps):
+        _LIVE_SERVERS.append(
+            tf.distribute.Server(
+                cluster_spec, job_name="ps", task_index=index, protocol="grpc"
+            )
+        )
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        cluster_spec, rpc_layer="grpc"
+    )
+
+
+# ---------------------------------------------------------------- TF_CONFIG
+
+_TASK_TYPES = ("chief", "worker", "ps", "evaluator")
+
+
+def make_tf_config(
+    cluster: Mapping[str, Sequence[str]], task_type: str, task_index: int
+) -> str:
+    """JSON ``TF_CONFIG`` for one task of ``cluster`` (validated)."""
+    config = {
+        "cluster": {k: list(v) for k, v in cluster.items()},
+        "task": {"type": task_type, "index": task_index},
+    }
+    text = json.dumps(config)
+    parse_tf_config(text)
+    return text
+
+
+def parse_tf_config(text: Optional[str] = None) -> dict:
+    """Parses and validates ``TF_CONFIG`` (default: the environment's).
+
+    Raises ``ValueError`` naming what is wrong: not JSON, no ``cluster``,
+    unknown task type, task index out of range, malformed address.
+    """
+    if text is None:
+        text = os.environ.get("TF_CONFIG", "")
+    if not text:
+        raise ValueError("TF_CONFIG is not set or empty.")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"TF_CONFIG is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError("TF_CONFIG must be a JSON object with 'cluster' and 'task'.")
+    cluster = config.get("cluster")
+    if not isinstance(cluster, dict) or not cluster:
+        raise ValueError("TF_CONFIG['cluster'] must be a non-empty object of job -> addresses.")
+    for job, addresses in cluster.items():
+        if job not in _TASK_TYPES:
+            raise ValueError(
+                f"TF_CONFIG['cluster'] has unknown job {job!r}; allowed: {_TASK_TYPES}."
+            )
+        if not isinstance(addresses, list) or not addresses:
+            raise ValueError(f"TF_CONFIG['cluster'][{job!r}] must be a non-empty list.")
+        for address in addresses:
+            host, sep, port = str(address).rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(
+                    f"TF_CONFIG['cluster'][{job!r}] has malformed address {address!r}; "
+                    "expected 'host:port'."
+                )
+    if "chief" in cluster and len(cluster["chief"]) != 1:
+        raise ValueError("TF_CONFIG['cluster']['chief'] must have exactly one address.")
+    task = config.get("task")
+    if not isinstance(task, dict):
+        raise ValueError("TF_CONFIG['task'] must be an object with 'type' and 'index'.")
+    task_type, index = task.get("type"), task.get("index", 0)
+    if task_type not in cluster:
+        raise ValueError(
+            f"TF_CONFIG['task']['type']={task_type!r} is not a job of the cluster "
+            f"({sorted(cluster)})."
+        )
+    if not isinstance(index, int) or not 0 <= index < len(cluster[task_type]):
+        raise ValueError(
+            f"TF_CONFIG['task']['index']={index!r} must be in "
+            f"[0, {len(cluster[task_type]) - 1}] for job {task_type!r}."
+        )
+    return config
+
+
+def serve_forever_if_server_task(protocol: str = "grpc") -> None:
+    """In a ``worker``/``ps`` task of a parameter-server cluster: serve, never return.
+
+    Reads ``TF_CONFIG``. Returns immediately without ``TF_CONFIG``, in the
+    chief/evaluator, and in clusters without ``ps`` (MultiWorkerMirrored
+    workers run the training script themselves). The server stops when the
+    process receives SIGTERM/SIGINT (exit code 0), which is how
+    ``python -m tf_async.launch`` ends its tasks.
+    """
+    if not os.environ.get("TF_CONFIG"):
+        return
+    import tensorflow as tf
+
+    config = parse_tf_config()
+    task_type = config["task"]["type"]
+    if "ps" not in config["cluster"] or task_type not in ("worker", "ps"):
+        return
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    server_config = tf.compat.v1.ConfigProto()
+    if task_type == "worker":
+        server_config.inter_op_parallelism_threads = (
+            len(config["cluster"]["worker"]) + 1
+        )
+    tf.distribute.Server(
+        resolver.cluster_spec(),
+        job_name=task_type,
+        task_index=config["task"].get("index", 0),
+        config=server_config,
+        protocol=protocol,
+        start=True,
+    )
+
+    def _stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        sys.stdout.flush()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    while True:  # Python-level wait so signal handlers run (Server.join blocks in C++).
+        time.sleep(1)

@@ -1,0 +1,8 @@
+"""Keras 3 optimizers for asynchronous and memory-lean training.
+
+Every optimizer here is a ``keras.optimizers.Optimizer`` subclass, registered
+as Keras-serializable, that reads staleness from ``tf_async.staleness`` and
+equals its base optimizer when τ = 0.
+"""
+
+__all__: list = []

@@ -1,0 +1,267 @@
+"""Run a training script as a multi-process cluster on localhost.
+
+    python -m tf_async.launch --workers 2 --ps 1 -- train.py --epochs 3
+    python -m tf_async.launch --workers 2 --ps 0 -- -m my_package.train
+
+One OS process per task (chief, workers, parameter servers), each with its own
+``TF_CONFIG`` and ``TF_ASYNC_TASK=<type>:<index>``. All run the same script:
+a parameter-server script calls
+``tf_async.cluster.serve_forever_if_server_task()`` first, so its worker/ps
+tasks become servers and only the chief trains; MultiWorkerMirrored scripts
+train in every worker. Output is streamed with a ``[type index]`` prefix.
+
+The launcher returns the chief's exit code (the chief is the ``chief`` task,
+or worker 0 when there is none; a chief is added automatically when ``--ps``
+> 0 because parameter-server training needs a coordinator). It terminates
+every task it started when the chief ends, on Ctrl-C/SIGTERM, and when any
+task fails, unless ``--keep_going`` (fault-tolerance runs: a lost worker is
+expected and the chief carries on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, TextIO
+
+from tf_async.cluster import check_port_free, make_tf_config, pick_unused_port
+
+__all__ = ["Task", "build_cluster", "launch", "main"]
+
+_TERMINATE_GRACE_SECONDS = 10.0
+
+
+@dataclass
+class Task:
+    """One process of the launched cluster."""
+
+    task_type: str
+    index: int
+    address: str
+    process: Optional[subprocess.Popen] = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.task_type} {self.index}"
+
+
+def build_cluster(
+    workers: int, ps: int, chief: bool = False, base_port: Optional[int] = None
+) -> Dict[str, List[str]]:
+    """Cluster dict {job: ["localhost:port", ...]} with validated counts/ports."""
+    for name, value, low in (("workers", workers, 1), ("ps", ps, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"`{name}` must be an int, got {value!r}.")
+        if value < low:
+            raise ValueError(f"`--{name}` must be >= {low}, got {value}.")
+    chief = chief or ps > 0
+    count = workers + ps + int(chief)
+    if base_port is None:
+        ports: List[int] = []
+        while len(ports) < count:
+            port = pick_unused_port()
+            if port not in ports:
+                ports.append(port)
+    else:
+        if base_port + count - 1 > 65535:
+            raise ValueError(
+                f"`--base_port`={base_port} leaves no room for {count} ports."
+            )
+        ports = list(range(base_port, base_port + count))
+        for port in ports:
+            check_port_free(port, "--base_port")
+    addresses = [f"localhost:{p}" for p in ports]
+    cluster: Dict[str, List[str]] = {}
+    if chief:
+        cluster["chief"] = [addresses.pop(0)]
+    cluster["worker"] = [addresses.pop(0) for _ in range(workers)]
+    if ps:
+        cluster["ps"] = [addresses.pop(0) for _ in range(ps)]
+    return cluster
+
+
+def _stream(task: Task, pipe, out: TextIO, lock: threading.Lock) -> None:
+    prefix = f"[{task.name}] "
+    for line in iter(pipe.readline, ""):
+        with lock:
+            out.write(prefix + line if line.endswith("\n") else prefix + line + "\n")
+            out.flush()
+    pipe.close()
+
+
+def _terminate(tasks: Sequence[Task]) -> None:
+    alive = [t for t in tasks if t.process and t.process.poll() is None]
+    for task in alive:
+        try:
+            os.killpg(task.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + _TERMINATE_GRACE_SECONDS
+    for task in alive:
+        try:
+            task.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(task.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            task.process.wait()
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def launch(
+    command: Sequence[str],
+    workers: int,
+    ps: int = 0,
+    chief: bool = False,
+    keep_going: bool = False,
+    base_port: Optional[int] = None,
+    out: TextIO = sys.stdout,
+    python: str = sys.executable,
+) -> int:
+    """Starts the cluster, streams logs, returns the chief's exit code."""
+    cluster = build_cluster(workers, ps, chief, base_port)
+    if not command:
+        raise ValueError("No script given: use `-- script.py [ARGS]` or `-- -m module`.")
+    if command[0] != "-m" and not os.path.exists(command[0]):
+        raise ValueError(f"Script {command[0]!r} does not exist.")
+    tasks = [
+        Task(job, index, address)
+        for job in ("chief", "worker", "ps")
+        for index, address in enumerate(cluster.get(job, []))
+    ]
+    chief_task = tasks[0]  # "chief" if present, else worker 0
+    lock = threading.Lock()
+    streams: List[threading.Thread] = []
+    interrupted: List[int] = []
+
+    def _on_signal(signum, frame):  # noqa: ARG001
+        interrupted.append(signum)
+
+    previous = {
+        s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        for task in tasks:
+            env = dict(os.environ)
+            env["TF_CONFIG"] = make_tf_config(cluster, task.task_type, task.index)
+            env["TF_ASYNC_TASK"] = f"{task.task_type}:{task.index}"
+            env["PYTHONUNBUFFERED"] = "1"
+            task.process = subprocess.Popen(
+                [python, *command],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,  # own process group: killpg reaches its children
+            )
+            with lock:
+                out.write(
+                    f"[launch] started {task.name} pid={task.process.pid} "
+                    f"at {task.address}\n"
+                )
+                out.flush()
+            thread = threading.Thread(
+                target=_stream, args=(task, task.process.stdout, out, lock), daemon=True
+            )
+            thread.start()
+            streams.append(thread)
+
+        result: Optional[int] = None
+        reported = set()
+        while result is None:
+            if interrupted:
+                with lock:
+                    out.write("[launch] interrupted: stopping all tasks\n")
+                result = 128 + interrupted[0]
+                break
+            code = chief_task.process.poll()
+            if code is not None:
+                result = _exit_code(code)
+                break
+            for task in tasks[1:]:
+                code = task.process.poll()
+                if code is None or task.name in reported:
+                    continue
+                reported.add(task.name)
+                with lock:
+                    out.write(f"[launch] {task.name} exited with code {code}\n")
+                if code != 0 and not keep_going:
+                    with lock:
+                        out.write(
+                            f"[launch] {task.name} failed: stopping all tasks "
+                            "(pass --keep_going to continue without it)\n"
+                        )
+                    result = _exit_code(code) or 1
+                    break
+            time.sleep(0.05)
+        return result
+    finally:
+        _terminate(tasks)
+        for thread in streams:
+            thread.join(timeout=5)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        with lock:
+            codes = ", ".join(
+                f"{t.name}={t.process.returncode}" for t in tasks if t.process
+            )
+            out.write(f"[launch] all tasks stopped ({codes})\n")
+            out.flush()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tf_async.launch",
+        description="Run a script as a local multi-process TF cluster.",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="worker tasks (>= 1)")
+    parser.add_argument("--ps", type=int, default=0, help="parameter-server tasks (>= 0)")
+    parser.add_argument(
+        "--chief", action="store_true",
+        help="add a chief task (implied when --ps > 0)",
+    )
+    parser.add_argument(
+        "--keep_going", action="store_true",
+        help="do not stop the cluster when a non-chief task fails",
+    )
+    parser.add_argument(
+        "--base_port", type=int, default=None,
+        help="use consecutive ports from here (default: free ports)",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- script.py ARGS")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    try:
+        return launch(
+            command,
+            workers=args.workers,
+            ps=args.ps,
+            chief=args.chief,
+            keep_going=args.keep_going,
+            base_port=args.base_port,
+        )
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
+        return 2  # unreachable: parser.error exits
+
+
+if __name__ == "__main__":
+    sys.exit(main())

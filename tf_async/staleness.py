@@ -1,0 +1,199 @@
+"""StepContext: the seam between a strategy that measures staleness and an
+optimizer that compensates for it (DESIGN.md §3).
+
+A train step that knows its gradient is stale publishes, around its call to
+``optimizer.apply``::
+
+    with tf_async.staleness.publish(tau=tau, variables=model.trainable_variables,
+                                    read_values=w_read):
+        optimizer.apply(grads, model.trainable_variables)
+
+* ``tau`` — int64 scalar: number of updates other workers applied between this
+  step's read of the weights and its apply (``version_at_apply -
+  version_at_read``).
+* ``read_values`` — per variable, the value the gradient was computed at.
+
+Inside ``update_step(gradient, variable, learning_rate)`` an optimizer reads::
+
+    tau = staleness.current_tau()                 # int64 scalar tensor
+    w_read = staleness.read_value(variable)       # tensor, variable's dtype
+
+With no published context (ordinary synchronous training) ``current_tau()``
+is 0 and ``read_value(v)`` is ``v``'s current value, so delay compensation
+vanishes and compensating optimizers equal their base optimizers exactly.
+
+The context is a *trace-time* object: it only holds symbolic (or eager)
+tensors and is consulted while the step is traced, so it works unchanged
+inside ``tf.function``, under ``strategy.run`` and with ``jit_compile=True``;
+nothing in it runs Python at step time.
+
+It is kept per thread. Keras applies updates of a multi-replica
+``MirroredStrategy`` in a ``merge_call`` on another thread, where no replica's
+context would be visible; publishing from such a replica therefore raises
+instead of being silently ignored (synchronous all-reduce training has τ = 0
+and needs no context).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, Mapping, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from tf_async import _keras_fit
+
+__all__ = [
+    "StepContext",
+    "publish",
+    "current",
+    "current_tau",
+    "read_value",
+]
+
+
+class StepContext:
+    """Staleness of the step being traced: ``tau`` and the weights read.
+
+    Args:
+      tau: integer scalar tensor (cast to int64), τ ≥ 0.
+      read_values: mapping from variable key (see ``_keras_fit.variable_key``)
+        to the tensor the gradient was computed at.
+    """
+
+    __slots__ = ("tau", "_read_values")
+
+    def __init__(self, tau: tf.Tensor, read_values: Mapping[int, tf.Tensor]):
+        self.tau = tau
+        self._read_values = dict(read_values)
+
+    def read_value(self, variable) -> tf.Tensor:
+        """The value ``variable`` had when the gradient was computed.
+
+        Falls back to the variable's current value if the step did not
+        publish a read value for it (its gradient is then treated as fresh).
+        """
+        value = self._read_values.get(_keras_fit.variable_key(variable))
+        if value is None:
+            return _current_value(variable)
+        return value
+
+    def __contains__(self, variable) -> bool:
+        return _keras_fit.variable_key(variable) in self._read_values
+
+    def __repr__(self) -> str:
+        return f"StepContext(tau={self.tau!r}, variables={len(self._read_values)})"
+
+
+_local = threading.local()
+
+
+def _stack() -> list:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def _current_value(variable) -> tf.Tensor:
+    if isinstance(variable, keras.Variable):
+        variable = variable.value  # keras.Variable -> tf.Variable
+    return tf.convert_to_tensor(variable)
+
+
+def _check_publishable() -> None:
+    if not tf.distribute.in_cross_replica_context():
+        replica_context = tf.distribute.get_replica_context()
+        strategy = replica_context.strategy
+        if (
+            replica_context.num_replicas_in_sync > 1
+            and isinstance(strategy, tf.distribute.MirroredStrategy)
+        ):
+            raise ValueError(
+                "tf_async.staleness.publish() was called inside a replica of a "
+                f"{type(strategy).__name__} with "
+                f"{replica_context.num_replicas_in_sync} replicas. Keras applies "
+                "those updates in a merge_call on another thread, where the "
+                "context would be lost. Publish staleness only from "
+                "single-replica-per-worker strategies (parameter server, "
+                "simulated async, one device)."
+            )
+
+
+@contextlib.contextmanager
+def publish(
+    tau,
+    variables: Sequence = (),
+    read_values: Sequence = (),
+) -> Iterator[StepContext]:
+    """Publishes ``tau`` and the read weights for the enclosed optimizer apply.
+
+    Args:
+      tau: integer scalar (tensor or Python int), the step's staleness τ.
+      variables: the variables the gradient is for (Keras or tf variables).
+      read_values: for each of ``variables``, the value the gradient was
+        computed at (same shape). May be empty: then ``read_value`` returns
+        current values.
+
+    Raises:
+      ValueError: if ``variables`` and ``read_values`` differ in length or a
+        shape differs, or if called from a replica of a multi-replica
+        MirroredStrategy (see module docstring).
+    """
+    variables = list(variables)
+    read_values = list(read_values)
+    if read_values and len(read_values) != len(variables):
+        raise ValueError(
+            "publish(): `read_values` must have one entry per variable; got "
+            f"{len(read_values)} values for {len(variables)} variables."
+        )
+    _check_publishable()
+    tau = tf.cast(tau, tf.int64)
+    if tau.shape.rank not in (None, 0):
+        raise ValueError(f"publish(): `tau` must be a scalar, got shape {tau.shape}.")
+    mapping = {}
+    for variable, value in zip(variables, read_values):
+        value = tf.convert_to_tensor(value)
+        if value.shape.is_fully_defined() and tuple(value.shape) != tuple(
+            variable.shape
+        ):
+            raise ValueError(
+                "publish(): read value for variable "
+                f"{getattr(variable, 'path', getattr(variable, 'name', variable))} "
+                f"has shape {tuple(value.shape)}, expected {tuple(variable.shape)}."
+            )
+        mapping[_keras_fit.variable_key(variable)] = value
+    context = StepContext(tau, mapping)
+    stack = _stack()
+    stack.append(context)
+    try:
+        yield context
+    finally:
+        stack.pop()
+
+
+def current() -> Optional[StepContext]:
+    """The innermost published context of this thread, or ``None``."""
+    stack = _stack()
+    return stack[-1] if stack else None
+
+
+def current_tau() -> tf.Tensor:
+    """τ of the step being traced as an int64 scalar; 0 without a context."""
+    context = current()
+    if context is None:
+        return tf.constant(0, tf.int64)
+    return context.tau
+
+
+def read_value(variable) -> tf.Tensor:
+    """Weights the current gradient for ``variable`` was computed at.
+
+    Without a context this is the variable's current value.
+    """
+    context = current()
+    if context is None:
+        return _current_value(variable)
+    return context.read_value(variable)

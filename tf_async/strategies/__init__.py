@@ -1,0 +1,5 @@
+"""Distribution strategies that keep ``model.fit`` while making training
+asynchronous (parameter server), local-update (periodic averaging) or
+simulated-asynchronous (one device, deterministic staleness)."""
+
+__all__: list = []
