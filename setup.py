@@ -17,7 +17,9 @@ The target environment is inspected with a child interpreter started in
 isolated mode, because pip's build isolation hides the environment's
 site-packages from this file. tf_async is distributed as a source package for
 this reason; a prebuilt wheel would freeze whichever choice was made when it
-was built.
+was built. (pip caches a wheel built from a directory whose name looks like
+``name-version``; when switching TensorFlow distributions reinstall with
+``pip install --no-cache-dir .``.)
 """
 
 import os
