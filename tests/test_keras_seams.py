@@ -33,3 +33,47 @@ def test_variable_key_maps_mirrored_components_to_container(logical_devices):
     assert isinstance(container, tf.distribute.DistributedValues)
     keys = {_keras_fit.variable_key(c) for c in container.values}
     assert keys == {optimizer._var_key(v)}
+
+
+# ---- optimizers seams (Keras 3.15) ----
+# DCAdam and SimulatedAsyncStrategy (tf_async/_keras_fit.py, "optimizers seams").
+
+
+def test_tf_optimizer_distributed_update_step_is_the_per_apply_hook():
+    import inspect
+
+    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+
+    name = _keras_fit.DISTRIBUTED_UPDATE_STEP_METHOD
+    method = getattr(TFOptimizer, name, None)
+    assert method is not None, f"TFOptimizer lost {name}"
+    assert list(inspect.signature(method).parameters) == [
+        "self", "distribution", "grads_and_vars", "learning_rate",
+    ]
+    assert f"self.{name}" in inspect.getsource(TFOptimizer._backend_update_step)
+    assert isinstance(keras.optimizers.Adam(), TFOptimizer)
+
+
+def test_fit_runs_bound_train_step_through_strategy_run():
+    import inspect
+
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    seen = []
+
+    class Probe(tf.distribute.OneDeviceStrategy):
+        def run(self, fn, args=(), kwargs=None, options=None):
+            seen.append(_keras_fit.keras_train_step_model(fn))
+            return super().run(fn, args=args, kwargs=kwargs, options=options)
+
+    strategy = Probe("/cpu:0")
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+    model.fit(np.ones((4, 2), np.float32), np.ones((4, 1), np.float32), verbose=0)
+    assert seen and seen[0] is model, "fit no longer passes model.train_step to run"
+    model.evaluate(np.ones((4, 2), np.float32), np.ones((4, 1), np.float32), verbose=0)
+    assert seen[-1] is None  # test_step is not recognised as a train step
+    source = inspect.getsource(TensorFlowTrainer.train_step)
+    assert f"self.optimizer.{_keras_fit.APPLY_GRADIENTS_NAME}(" in source
+    assert source.index("tape.gradient") < source.index("self.optimizer.apply_gradients")

@@ -38,3 +38,50 @@ def variable_key(variable) -> int:
     ):
         variable = variable.handle._distributed_container()
     return variable._unique_id
+
+
+# ---- optimizers seams (Keras 3.15) ----
+# Used by tf_async/keras_optimizers/delay_compensated.py (DCAdam) and
+# tf_async/strategies/simulated_async.py (SimulatedAsyncStrategy); pinned by
+# the "optimizers seams" tests at the end of tests/test_keras_seams.py.
+#
+# * ``TFOptimizer._distributed_tf_update_step(distribution, grads_and_vars,
+#   learning_rate)`` — called once per ``apply`` by
+#   ``TFOptimizer._backend_update_step`` (through ``maybe_merge_call``, i.e.
+#   in cross-replica context under MirroredStrategy), it loops
+#   ``distribution.extended.update(var, update_step-like fn, ...)``. DCAdam
+#   overrides it to bump its exact global step once per apply and hand the
+#   returned value to every variable's update.
+# * ``TensorFlowTrainer`` passes the bound ``model.train_step`` to
+#   ``strategy.run`` (``_make_function``) and ``train_step`` applies with
+#   ``self.optimizer.apply_gradients(...)`` after ``tape.gradient``. The
+#   simulator recognises that call and, while tracing it, wraps the
+#   optimizer's ``apply_gradients`` on the instance (removed afterwards).
+
+DISTRIBUTED_UPDATE_STEP_METHOD = "_distributed_tf_update_step"
+TRAIN_STEP_NAME = "train_step"
+APPLY_GRADIENTS_NAME = "apply_gradients"
+
+
+def raw_variable(variable):
+    """The backing ``tf.Variable`` of a Keras variable (itself otherwise).
+
+    Its ``assign_add`` is TF's atomic AssignAddVariableOp, unlike
+    ``keras.Variable.assign_add`` (``assign(self + value)``).
+    """
+    if isinstance(variable, keras.Variable):
+        return variable.value
+    return variable
+
+
+def keras_train_step_model(fn):
+    """The Keras model if ``fn`` is the bound ``train_step`` Keras' ``fit``
+    hands to ``strategy.run``; ``None`` otherwise (test/predict steps, user fns).
+    """
+    model = getattr(fn, "__self__", None)
+    if (
+        getattr(fn, "__name__", None) == TRAIN_STEP_NAME
+        and isinstance(model, keras.Model)
+    ):
+        return model
+    return None

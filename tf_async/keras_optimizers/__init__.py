@@ -6,3 +6,7 @@ equals its base optimizer when τ = 0.
 """
 
 __all__: list = []
+from tf_async.keras_optimizers.delay_compensated import DCSGD, DCAdam, AdamAsync  # noqa: E402
+__all__ += ["DCSGD", "DCAdam", "AdamAsync"]
+from tf_async.keras_optimizers.staleness_scaled import StalenessScaled  # noqa: E402
+__all__ += ["StalenessScaled"]

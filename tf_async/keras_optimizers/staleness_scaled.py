@@ -1,0 +1,191 @@
+"""Staleness-aware step scaling for any Keras optimizer (Zhang et al., IJCAI 2016).
+
+``StalenessScaled(inner, policy)`` lets ``inner`` compute its update
+Δ = w_after − w_before exactly as it would (moments, momentum, weight decay,
+clipping: all of ``inner.apply``) and then keeps only f(τ)·Δ::
+
+    "inverse"        f(τ) = 1 / max(1, τ)        (Zhang et al.: lr / τ)
+    "inverse_sqrt"   f(τ) = 1 / sqrt(max(1, τ))
+    "exp"            f(τ) = exp(−β τ),  β in [0, 1)
+
+Scaling the *step*, not the gradient, is what matters for Adam-like inners:
+Adam is invariant to the gradient's scale, so a scaled gradient would change
+nothing. For SGD and Adam this is exactly the staleness-dependent learning
+rate lr·f(τ) (momentum buffers still see the full gradient).
+
+τ comes from ``tf_async.staleness``. With no published context (synchronous
+training) the wrapper calls ``inner.apply`` and nothing else, so it equals the
+inner optimizer exactly. The excess (1 − f)·Δ is removed with one
+``assign_sub`` per variable through ``strategy.extended.update``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from tf_async import _keras_fit, staleness
+
+__all__ = ["StalenessScaled", "POLICIES"]
+
+POLICIES = ("inverse", "inverse_sqrt", "exp")
+
+
+def staleness_factor(tau, policy: str, beta: float = 0.0) -> tf.Tensor:
+    """f(τ) as a float32 scalar tensor for the named policy."""
+    tau = tf.cast(tau, tf.float32)
+    if policy == "inverse":
+        return 1.0 / tf.maximum(1.0, tau)
+    if policy == "inverse_sqrt":
+        return tf.math.rsqrt(tf.maximum(1.0, tau))
+    if policy == "exp":
+        return tf.exp(-float(beta) * tau)
+    raise ValueError(f"`policy` must be one of {POLICIES}; received policy={policy!r}.")
+
+
+def _shrink(variable, before, keep):
+    """variable -= (1 − keep) · (variable − before)   (keeps keep·Δ)."""
+    keep = tf.cast(keep, variable.dtype)
+    excess = (1 - keep) * (variable.read_value() - before)
+    return variable.assign_sub(excess)
+
+
+@keras.saving.register_keras_serializable(package="tf_async")
+class StalenessScaled(keras.optimizers.Optimizer):
+    """Wraps any Keras optimizer and scales its step by f(τ).
+
+    Args:
+      inner: the ``keras.optimizers.Optimizer`` to wrap (its variables,
+        learning rate and iterations are the wrapper's).
+      policy: ``"inverse"`` (1/max(1,τ)), ``"inverse_sqrt"`` or ``"exp"``
+        (exp(−βτ)).
+      beta: β in [0, 1) for ``"exp"``.
+      name: optimizer name.
+    """
+
+    def __init__(
+        self,
+        inner: keras.optimizers.Optimizer,
+        policy: str = "inverse",
+        beta: float = 0.5,
+        name: Optional[str] = None,
+        **kwargs,
+    ):
+        if not isinstance(inner, keras.optimizers.Optimizer):
+            raise TypeError(
+                "`inner` must be a keras.optimizers.Optimizer instance; received "
+                f"inner={inner!r} of type {type(inner).__name__}."
+            )
+        if policy not in POLICIES:
+            raise ValueError(
+                f"`policy` must be one of {POLICIES}; received policy={policy!r}."
+            )
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise TypeError(f"`beta` must be a float in [0, 1); received beta={beta!r}.")
+        if not 0 <= beta < 1:
+            raise ValueError(f"`beta` must be in [0, 1); received beta={beta}.")
+        # Base-optimizer arguments belong to the inner optimizer; accept only
+        # their defaults (as written by older configs).
+        defaults = {
+            "learning_rate": None, "weight_decay": None, "clipnorm": None,
+            "global_clipnorm": None, "clipvalue": None, "use_ema": False,
+            "ema_momentum": 0.99, "ema_overwrite_frequency": None,
+            "loss_scale_factor": None, "gradient_accumulation_steps": None,
+        }
+        for key in list(kwargs):
+            if key in defaults and kwargs[key] == defaults[key]:
+                kwargs.pop(key)
+        if kwargs:
+            raise ValueError(
+                "StalenessScaled takes no base optimizer arguments (set them on "
+                f"`inner`); received {sorted(kwargs)}."
+            )
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner
+        self.policy = policy
+        self.beta = float(beta)
+
+    def build(self, var_list):
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def factor(self, tau) -> tf.Tensor:
+        """f(τ) of this wrapper's policy."""
+        return staleness_factor(tau, self.policy, self.beta)
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built:
+            if trainable_variables is None:
+                raise ValueError(
+                    "StalenessScaled.apply(): pass `trainable_variables` on the "
+                    "first call or build the optimizer first."
+                )
+            with keras.name_scope(self.name):
+                self.build(list(trainable_variables))
+            self.built = True
+        context = staleness.current()
+        if context is None:
+            # τ = 0: exactly the inner optimizer.
+            return self.inner_optimizer.apply(grads, trainable_variables)
+        variables = list(
+            self._trainable_variables if trainable_variables is None else trainable_variables
+        )
+        grads = list(grads)
+        raw = [_keras_fit.raw_variable(v) for v in variables]
+        updated = [r for r, g in zip(raw, grads) if g is not None]
+        before = [r.read_value() for r in updated]
+        keep = self.factor(context.tau)
+        self.inner_optimizer.apply(grads, variables)
+
+        def rescale(distribution):
+            for variable, value in zip(updated, before):
+                distribution.extended.update(
+                    variable, _shrink, args=(value, keep), group=False
+                )
+
+        replica_context = tf.distribute.get_replica_context()
+        if replica_context is None:
+            rescale(tf.distribute.get_strategy())
+        else:
+            replica_context.merge_call(rescale)
+
+    def get_config(self) -> dict:
+        return {
+            "name": self.name,
+            "inner": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "policy": self.policy,
+            "beta": self.beta,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("inner"), custom_objects=custom_objects
+        )
+        return cls(inner, **config)

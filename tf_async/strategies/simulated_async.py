@@ -1,0 +1,210 @@
+"""M asynchronous workers simulated deterministically on one device.
+
+``SimulatedAsyncStrategy`` is a ``tf.distribute.OneDeviceStrategy`` under which
+``model.compile`` + ``model.fit`` train as M asynchronous workers would: the
+gradient of step t is computed at the weights as they were τ_t updates ago and
+applied to the current weights (DESIGN.md §5)::
+
+    "round_robin"  τ_t = min(M − 1, max_staleness, t)      (worker k of M reads,
+                   the M − 1 others apply, then k applies)
+    "random"       τ_t = min(U{0 … max_staleness}, t), drawn from a stateless
+                   generator keyed by (seed, t): deterministic for a seed.
+
+How (one seam, pinned in ``tests/test_keras_seams.py``): Keras' ``fit`` calls
+``strategy.run(model.train_step, ...)``. ``run`` recognises that call and runs
+the step with
+
+1. ring[t mod K] ← w (K = max_staleness + 1 snapshot slots per variable; one
+   ``[K, *shape]`` ``tf.Variable`` each, created once, never grown);
+2. w ← ring[(t − τ) mod K] for the forward and backward pass;
+3. inside ``optimizer.apply_gradients`` (wrapped on the instance while the
+   step is traced): w ← live value, then the optimizer applies under
+   ``tf_async.staleness.publish(τ, w, w_read)``, so delay-compensating
+   optimizers see τ and the weights the gradient was computed at.
+
+Everything is graph code (no Python at step time), so ``jit_compile=True``
+works. ``staleness_mean`` (over all steps so far) and ``staleness_max`` are
+added to the step's logs and so reach the progress bar and ``History``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import keras
+import tensorflow as tf
+
+from tf_async import _keras_fit, staleness
+
+__all__ = ["SimulatedAsyncStrategy"]
+
+STALENESS_MODES = ("round_robin", "random")
+
+
+class _SimState:
+    """Ring buffers and counters for one model's trainable variables."""
+
+    def __init__(self, variables: List[tf.Variable], slots: int):
+        self.variables = variables
+        self.slots = slots
+        self.rings = [
+            tf.Variable(
+                tf.stack([v.read_value()] * slots),
+                trainable=False,
+                name=f"stale_snapshots_{i}",
+            )
+            for i, v in enumerate(variables)
+        ]
+        self.step = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="sim_step")
+        self.tau_sum = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="tau_sum")
+        self.tau_max = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="tau_max")
+
+
+class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
+    """One-device strategy that trains like ``num_workers`` async workers.
+
+    Args:
+      num_workers: M >= 1 simulated workers (M = 1 is plain training).
+      staleness: ``"round_robin"`` (τ = M − 1) or ``"random"`` (τ uniform in
+        [0, max_staleness]).
+      max_staleness: bound on τ (int >= 0); ``None`` means M − 1.
+      seed: seed of the ``"random"`` staleness sequence.
+      device: the one device to run on.
+    """
+
+    def __init__(
+        self,
+        num_workers: int,
+        staleness: str = "round_robin",
+        max_staleness: Optional[int] = None,
+        seed: int = 0,
+        device: str = "/cpu:0",
+    ):
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int):
+            raise TypeError(f"`num_workers` must be an int >= 1; received {num_workers!r}.")
+        if num_workers < 1:
+            raise ValueError(f"`num_workers` must be >= 1; received num_workers={num_workers}.")
+        if staleness not in STALENESS_MODES:
+            raise ValueError(
+                f"`staleness` must be one of {STALENESS_MODES}; received staleness={staleness!r}."
+            )
+        if max_staleness is not None:
+            if isinstance(max_staleness, bool) or not isinstance(max_staleness, int):
+                raise TypeError(
+                    f"`max_staleness` must be None or an int >= 0; received {max_staleness!r}."
+                )
+            if max_staleness < 0:
+                raise ValueError(
+                    f"`max_staleness` must be >= 0; received max_staleness={max_staleness}."
+                )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed` must be an int; received seed={seed!r}.")
+        super().__init__(device)
+        self._num_workers = num_workers
+        self._staleness_mode = staleness
+        bound = num_workers - 1 if max_staleness is None else max_staleness
+        if staleness == "round_robin":
+            bound = min(bound, num_workers - 1)
+        self._max_staleness = bound
+        self._seed = seed
+        self._states: Dict[Tuple[int, Tuple[int, ...]], _SimState] = {}
+
+    # ------------------------------------------------------------------ info
+    @property
+    def num_workers(self) -> int:
+        return self._num_workers
+
+    @property
+    def staleness_mode(self) -> str:
+        return self._staleness_mode
+
+    @property
+    def max_staleness(self) -> int:
+        """Largest τ this strategy produces; the ring keeps this + 1 snapshots."""
+        return self._max_staleness
+
+    @property
+    def snapshot_variables(self) -> List[tf.Variable]:
+        """All ring-buffer variables (``[max_staleness + 1, *shape]`` each)."""
+        return [ring for state in self._states.values() for ring in state.rings]
+
+    # ------------------------------------------------------------------ run
+    def run(self, fn, args=(), kwargs=None, options=None):
+        model = _keras_fit.keras_train_step_model(fn)
+        if model is not None and model.trainable_variables:
+            fn = self._stale_train_step(model, fn)
+        return super().run(fn, args=args, kwargs=kwargs, options=options)
+
+    def _state_for(self, model: keras.Model) -> Tuple[_SimState, list]:
+        keras_variables = list(model.trainable_variables)
+        raw = [_keras_fit.raw_variable(v) for v in keras_variables]
+        key = (id(model), tuple(_keras_fit.variable_key(v) for v in raw))
+        state = self._states.get(key)
+        if state is None:
+            with tf.init_scope(), self.scope():
+                state = _SimState(raw, self._max_staleness + 1)
+            self._states[key] = state
+        return state, keras_variables
+
+    def _draw_tau(self, step: tf.Tensor) -> tf.Tensor:
+        if self._staleness_mode == "round_robin":
+            tau = tf.constant(self._max_staleness, tf.int64)
+        else:
+            seed = tf.stack([tf.constant(self._seed, tf.int64), step])
+            tau = tf.random.stateless_uniform(
+                [], seed=seed, minval=0, maxval=self._max_staleness + 1, dtype=tf.int64
+            )
+        return tf.minimum(tau, step)
+
+    def _stale_train_step(self, model: keras.Model, train_step):
+        state, keras_variables = self._state_for(model)
+
+        @tf.autograph.experimental.do_not_convert
+        def stale_train_step(*args, **kwargs):
+            step = state.step.read_value()
+            tau = self._draw_tau(step)
+            slots = tf.constant(state.slots, tf.int64)
+            live_slot = tf.math.floormod(step, slots)
+            stale_slot = tf.math.floormod(step - tau, slots)
+            live, stale = [], []
+            for variable, ring in zip(state.variables, state.rings):
+                value = variable.read_value()
+                ring.scatter_update(tf.IndexedSlices(value[None], live_slot[None]))
+                live.append(value)
+                stale.append(tf.gather(ring, stale_slot))
+            for variable, value in zip(state.variables, stale):
+                variable.assign(value)
+
+            restored = []
+
+            def restore():
+                if not restored:
+                    for variable, value in zip(state.variables, live):
+                        variable.assign(value)
+                    restored.append(True)
+
+            optimizer = model.optimizer
+            apply_gradients = optimizer.apply_gradients
+
+            def stale_apply_gradients(grads_and_vars):
+                restore()
+                with staleness.publish(tau, keras_variables, stale):
+                    return apply_gradients(grads_and_vars)
+
+            name = _keras_fit.APPLY_GRADIENTS_NAME
+            vars(optimizer)[name] = stale_apply_gradients
+            try:
+                logs = train_step(*args, **kwargs)
+            finally:
+                vars(optimizer).pop(name, None)
+            restore()
+
+            state.step.assign_add(1)
+            tau_sum = state.tau_sum.assign_add(tau)
+            tau_max = state.tau_max.assign(tf.maximum(state.tau_max.read_value(), tau))
+            logs = dict(logs)
+            logs["staleness_mean"] = tf.cast(tau_sum, tf.float32) / tf.cast(step + 1, tf.float32)
+            logs["staleness_max"] = tf.cast(tau_max, tf.float32)
+            return logs
+
+        return stale_train_step
