@@ -47,8 +47,10 @@ def variable_key(variable) -> int:
 #  * ``per_replica`` — builds a ``tf.distribute`` PerReplica value from
 #    per-device tensors (``tensorflow.python.distribute.values.PerReplica``).
 #  * ``is_keras_inference_step`` — Keras 3.15 ``TensorFlowTrainer`` passes its
-#    bound ``test_step`` / ``predict_step`` methods to ``strategy.run``
-#    (``backend/tensorflow/trainer.py::_make_function``).
+#    bound ``test_step`` method to ``strategy.run`` for evaluate
+#    (``backend/tensorflow/trainer.py::_make_function``) and, for predict, a
+#    ``functools.wraps`` wrapper of the local ``one_step_on_data`` defined in
+#    ``TensorFlowTrainer.make_predict_function``.
 #  * ``LocalUpdateExtendedSeams`` — overrides two private methods shared by
 #    ``MirroredExtended``, ``CollectiveAllReduceExtended`` and ``TPUExtended``:
 #    ``_use_merge_call`` (``ReplicaContext.all_reduce`` goes through
@@ -68,11 +70,22 @@ def per_replica(components):
     return tf_distribute_values.PerReplica(tuple(components))
 
 
+KERAS_PREDICT_FUNCTION_QUALNAME = "TensorFlowTrainer.make_predict_function.<locals>."
+
+
 def is_keras_inference_step(fn) -> bool:
-    """True if ``fn`` is a Keras model's ``test_step``/``predict_step`` method."""
-    name = getattr(fn, "__name__", "")
-    owner = getattr(fn, "__self__", None)
-    return name in KERAS_INFERENCE_STEP_NAMES and isinstance(owner, keras.Model)
+    """True if ``fn`` is what Keras' evaluate/predict hand to ``strategy.run``."""
+    seen = 0
+    while fn is not None and seen < 8:
+        name = getattr(fn, "__name__", "")
+        owner = getattr(fn, "__self__", None)
+        if name in KERAS_INFERENCE_STEP_NAMES and isinstance(owner, keras.Model):
+            return True
+        if getattr(fn, "__qualname__", "").startswith(KERAS_PREDICT_FUNCTION_QUALNAME):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+        seen += 1
+    return False
 
 
 class LocalUpdateExtendedSeams:

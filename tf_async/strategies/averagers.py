@@ -62,8 +62,10 @@ class Averager:
         with tf.init_scope(), self._strategy.scope():
             return tf.Variable(initial, trainable=False, name=f"{self.name}_{name}")
 
-    def _local(self, variable: tf.Variable) -> tuple:
-        return self._strategy.experimental_local_results(variable)
+    def _local(self, variable: tf.Variable, count: int) -> tuple:
+        """``variable``'s copy on each of the ``count`` local replicas' devices."""
+        copies = self._strategy.experimental_local_results(variable)
+        return copies if len(copies) == count else tuple(copies[:1]) * count
 
     def get_config(self) -> dict:
         return {}
@@ -104,7 +106,7 @@ class EASGDAverager(Averager):
         return [self.centre]
 
     def average(self, local, mean, num_replicas):
-        centres = self._local(self.centre)
+        centres = self._local(self.centre, len(local))
         alpha = tf.constant(self.alpha, local[0].dtype)
         new = []
         for w, c in zip(local, centres):
@@ -154,8 +156,8 @@ class DiLoCoAverager(Averager):
         return [self.centre, self.momentum]
 
     def average(self, local, mean, num_replicas):
-        centres = self._local(self.centre)
-        momenta = self._local(self.momentum)
+        centres = self._local(self.centre, len(local))
+        momenta = self._local(self.momentum, len(local))
         lr = tf.constant(self.outer_learning_rate, local[0].dtype)
         mu = tf.constant(self.outer_momentum, local[0].dtype)
         new = []

@@ -137,11 +137,9 @@ class _LocalUpdateExtendedMixin(_keras_fit.LocalUpdateExtendedSeams):
 
     def update(self, var, fn, args=(), kwargs=None, group=True):
         runtime = self._lu_runtime
-        if runtime.local_mode and any(
-            isinstance(a, tf.distribute.DistributedValues)
-            and not isinstance(a, tf.Variable)
-            for a in tf.nest.flatten((args, kwargs or {}))
-        ):
+        # Keras applies (gradient, learning_rate) to each trainable variable;
+        # weight decay passes no args, `iterations` is not trainable.
+        if runtime.local_mode and args and getattr(var, "trainable", False):
             runtime.updated.setdefault(_keras_fit.variable_key(var), var)
         return super().update(var, fn, args, kwargs, group)
 
@@ -328,7 +326,7 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
                 initial = tf.concat(
                     [tf.reshape(tf.cast(v.read_value(), tf.float32), [-1]) for v in params], 0
                 )
-            averager.build(initial, self)
+                averager.build(initial, self)
             runtime.groups[key] = _SyncGroup(params, slots, averager)
         return runtime.groups[key]
 
