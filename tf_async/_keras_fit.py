@@ -85,3 +85,68 @@ def keras_train_step_model(fn):
     ):
         return model
     return None
+# ---- LocalUpdateStrategy seams (Keras 3.15) ----
+# Used by tf_async/strategies/local_update.py; pinned at the end of
+# tests/test_keras_seams.py.
+#
+#  * ``per_replica`` — builds a ``tf.distribute`` PerReplica value from
+#    per-device tensors (``tensorflow.python.distribute.values.PerReplica``).
+#  * ``is_keras_inference_step`` — Keras 3.15 ``TensorFlowTrainer`` passes its
+#    bound ``test_step`` method to ``strategy.run`` for evaluate
+#    (``backend/tensorflow/trainer.py::_make_function``) and, for predict, a
+#    ``functools.wraps`` wrapper of the local ``one_step_on_data`` defined in
+#    ``TensorFlowTrainer.make_predict_function``.
+#  * ``LocalUpdateExtendedSeams`` — overrides two private methods shared by
+#    ``MirroredExtended``, ``CollectiveAllReduceExtended`` and ``TPUExtended``:
+#    ``_use_merge_call`` (``ReplicaContext.all_reduce`` goes through
+#    ``merge_call`` -> ``extended.batch_reduce_to`` only when it returns True)
+#    and ``_create_variable(next_creator, **kwargs)`` (receives
+#    ``colocate_with=`` for Keras optimizer slots created by
+#    ``TFOptimizer.add_variable_from_reference`` under
+#    ``extended.colocate_vars_with``).
+
+KERAS_INFERENCE_STEP_NAMES = ("test_step", "predict_step")
+
+
+def per_replica(components):
+    """A ``PerReplica`` distributed value holding ``components`` (one per device)."""
+    from tensorflow.python.distribute import values as tf_distribute_values
+
+    return tf_distribute_values.PerReplica(tuple(components))
+
+
+KERAS_PREDICT_FUNCTION_QUALNAME = "TensorFlowTrainer.make_predict_function.<locals>."
+
+
+def is_keras_inference_step(fn) -> bool:
+    """True if ``fn`` is what Keras' evaluate/predict hand to ``strategy.run``."""
+    seen = 0
+    while fn is not None and seen < 8:
+        name = getattr(fn, "__name__", "")
+        owner = getattr(fn, "__self__", None)
+        if name in KERAS_INFERENCE_STEP_NAMES and isinstance(owner, keras.Model):
+            return True
+        if getattr(fn, "__qualname__", "").startswith(KERAS_PREDICT_FUNCTION_QUALNAME):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+        seen += 1
+    return False
+
+
+class LocalUpdateExtendedSeams:
+    """Mixin for a ``tf.distribute`` extended class (placed before it in the MRO).
+
+    Subclasses implement ``_lu_force_merge_call() -> bool`` and
+    ``_lu_variable_created(variable, colocate_with)``.
+    """
+
+    def _use_merge_call(self):
+        if self._lu_force_merge_call():
+            return True
+        return super()._use_merge_call()
+
+    def _create_variable(self, next_creator, **kwargs):
+        colocate_with = kwargs.get("colocate_with")
+        variable = super()._create_variable(next_creator, **kwargs)
+        self._lu_variable_created(variable, colocate_with)
+        return variable

@@ -5,3 +5,5 @@ simulated-asynchronous (one device, deterministic staleness)."""
 __all__: list = []
 from tf_async.strategies.simulated_async import SimulatedAsyncStrategy  # noqa: E402
 __all__ += ["SimulatedAsyncStrategy"]
+from tf_async.strategies.local_update import LocalUpdateStrategy  # noqa: E402
+__all__ += ["LocalUpdateStrategy"]

@@ -1,0 +1,435 @@
+"""LocalUpdateStrategy: local SGD / periodic model averaging, EASGD, DiLoCo.
+
+``LocalUpdateStrategy(base, sync_every=H, averaging=...)`` turns a
+``MirroredStrategy``, ``MultiWorkerMirroredStrategy`` or ``TPUStrategy`` into
+a local-update strategy; ``model.compile`` + ``model.fit`` stay stock, with
+any Keras optimizer.
+
+How (Keras 3.15 + tf.distribute):
+
+* Keras' TF optimizer all-reduces gradients with
+  ``ReplicaContext.all_reduce(SUM, grads)`` (a ``merge_call`` into
+  ``extended.batch_reduce_to``) and then applies them with
+  ``extended.update(var, fn, args=(grad,))``, which calls ``fn`` on each
+  device's component of the ``MirroredVariable`` with that device's slice of
+  ``args``. Inside the train step this strategy answers the all-reduce
+  LOCALLY: replica i gets ``N · g_i`` (Keras scaled the loss by 1/N, so this
+  is replica i's own mean-batch gradient) — no communication. ``update`` then
+  writes a different value into each replica's copy of the variable (and the
+  optimizer's slots, also per-device), so the replicas diverge.
+* After ``strategy.run`` returns (cross-replica context, same ``tf.function``)
+  a step counter is advanced and, every H local steps, a ``tf.cond`` packs
+  all locally-updated variables of each replica into one flat vector, runs
+  ONE all-reduce (mean), and an averager (``averagers.py``) decides each
+  replica's new parameters. No Python side effects and no host reads in the
+  step.
+* ``model.evaluate`` / ``predict`` steps first flush pending local updates
+  (in-graph, only if any), so they see the averaged model. Reading metric
+  results eagerly (what ``fit`` does at every epoch end, and ``evaluate`` at
+  its end) goes through ``strategy.reduce``; this strategy flushes pending
+  local updates there too, so epoch ends, the end of ``fit``, and
+  ``model.save`` / ``get_weights`` after ``fit`` see the averaged model.
+  ``strategy.synchronize()`` forces a sync at any time.
+
+The base strategy object itself becomes the local-update strategy (its class
+is swapped for a subclass that also derives from ``LocalUpdateStrategy``), so
+``isinstance(strategy, tf.distribute.MirroredStrategy)`` etc. still hold and
+Keras keeps its per-strategy behaviour. Do not keep using the base strategy
+for synchronous training.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+from tf_async import _keras_fit
+from tf_async.strategies import averagers as averagers_lib
+
+__all__ = ["LocalUpdateStrategy"]
+
+_SUPPORTED_BASES = (
+    tf.distribute.MirroredStrategy,
+    tf.distribute.MultiWorkerMirroredStrategy,
+    tf.distribute.TPUStrategy,
+)
+
+LOCAL_DIVERGENCE = "local_divergence"
+
+
+def _check_number(name: str, value, low: float, high: float, low_open: bool, high_open: bool):
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"`{name}` must be a number in {lo}{low}, {high}{hi}, got {value!r}.")
+
+
+class _SyncGroup:
+    """The variables one train step updates locally, and their averager."""
+
+    def __init__(self, params: List[tf.Variable], slots: List[tf.Variable], averager) -> None:
+        self.params = params
+        self.slots = slots
+        self.averager = averager
+
+
+class _Runtime:
+    """Trace-time state of a LocalUpdateStrategy (never touched at run time)."""
+
+    def __init__(self) -> None:
+        self.local_mode = False
+        self.updated: Dict[int, tf.Variable] = {}
+        self.slots: Dict[int, List[tf.Variable]] = {}
+        self.groups: Dict[Tuple[int, ...], _SyncGroup] = {}
+        self.collective_calls = 0  # trace-time count of packed all-reduces built
+
+
+class _LocalUpdateExtendedMixin(_keras_fit.LocalUpdateExtendedSeams):
+    """Makes the replica-context all-reduce local and records what diverges."""
+
+    _lu_runtime: _Runtime
+
+    def _lu_force_merge_call(self) -> bool:
+        return self._lu_runtime.local_mode
+
+    def _lu_variable_created(self, variable, colocate_with) -> None:
+        if colocate_with is not None and isinstance(colocate_with, tf.Variable):
+            key = _keras_fit.variable_key(colocate_with)
+            self._lu_runtime.slots.setdefault(key, []).append(variable)
+
+    def batch_reduce_to(self, reduce_op, value_destination_pairs, options=None):
+        runtime = self._lu_runtime
+        if not runtime.local_mode:
+            return super().batch_reduce_to(reduce_op, value_destination_pairs, options)
+        if isinstance(reduce_op, str):
+            reduce_op = tf.distribute.ReduceOp(reduce_op.upper())
+        scale = (
+            float(self._lu_strategy().num_replicas_in_sync)
+            if reduce_op == tf.distribute.ReduceOp.SUM
+            else 1.0
+        )
+        return [self._lu_local_value(value, scale) for value, _ in value_destination_pairs]
+
+    def _lu_local_value(self, value, scale: float):
+        """What replica i gets from a local 'all-reduce': its own value × scale."""
+
+        def scaled(component):
+            with tf.device(component.device):
+                if isinstance(component, tf.IndexedSlices):
+                    return tf.IndexedSlices(
+                        component.values * tf.cast(scale, component.values.dtype),
+                        component.indices,
+                        component.dense_shape,
+                    )
+                return component * tf.cast(scale, component.dtype)
+
+        if isinstance(value, tf.distribute.DistributedValues):
+            components = self._lu_strategy().experimental_local_results(value)
+            return _keras_fit.per_replica([scaled(c) for c in components])
+        return scaled(value)
+
+    def update(self, var, fn, args=(), kwargs=None, group=True):
+        runtime = self._lu_runtime
+        # Keras applies (gradient, learning_rate) to each trainable variable;
+        # weight decay passes no args, `iterations` is not trainable.
+        if runtime.local_mode and args and getattr(var, "trainable", False):
+            runtime.updated.setdefault(_keras_fit.variable_key(var), var)
+        return super().update(var, fn, args, kwargs, group)
+
+
+_STRATEGY_CLASSES: Dict[type, type] = {}
+_EXTENDED_CLASSES: Dict[type, type] = {}
+
+
+def _derived(cache: Dict[type, type], mixin: type, base: type) -> type:
+    if base not in cache:
+        cache[base] = type(f"LocalUpdate{base.__name__}", (mixin, base), {})
+    return cache[base]
+
+
+class LocalUpdateStrategy(tf.distribute.Strategy):
+    """Local SGD over a Mirrored / MultiWorkerMirrored / TPU strategy.
+
+    Between synchronisations every replica applies only its own gradients
+    with its own copy of the optimizer state (no gradient all-reduce); every
+    ``sync_every`` steps the replicas' parameters are combined with one packed
+    all-reduce by the ``averaging`` rule:
+
+    * ``"mean"``: ``w_i ← mean_j w_j`` (Lin et al., ICLR 2020). With
+      ``sync_every=1`` and plain SGD this equals synchronous data-parallel SGD
+      (averaging weights after one step = averaging gradients); with momentum
+      or Adam it needs ``average_optimizer_state=True`` to be exact for
+      momentum SGD (Adam's update is not linear in the gradient).
+    * ``"easgd"``: elastic averaging with coupling ``alpha`` in (0, 1).
+    * ``"diloco"``: outer Nesterov SGD (``outer_learning_rate``,
+      ``outer_momentum``) on the centre with the outer gradient
+      ``centre − mean``.
+
+    ``average_optimizer_state=True`` also averages the optimizer slots
+    (momentum, Adam's m and v) in the same packed all-reduce; by default each
+    replica keeps its own. History gets ``local_divergence``: the mean over
+    replicas of ‖w_i − w̄‖₂ measured at the most recent synchronisation
+    (under MultiWorkerMirrored: over this worker's replicas).
+    """
+
+    def __new__(cls, base_strategy=None, *args, **kwargs):
+        if cls is not LocalUpdateStrategy:  # a derived class being constructed
+            return super().__new__(cls)
+        if isinstance(base_strategy, LocalUpdateStrategy):
+            raise ValueError("`base_strategy` is already a LocalUpdateStrategy.")
+        if not isinstance(base_strategy, _SUPPORTED_BASES):
+            raise ValueError(
+                "`base_strategy` must be a tf.distribute.MirroredStrategy, "
+                "MultiWorkerMirroredStrategy or TPUStrategy, got "
+                f"{type(base_strategy).__name__}."
+            )
+        _validate(*args, **kwargs)
+        base_strategy.__class__ = _derived(
+            _STRATEGY_CLASSES, LocalUpdateStrategy, type(base_strategy)
+        )
+        return base_strategy
+
+    def __init__(
+        self,
+        base_strategy: tf.distribute.Strategy,
+        sync_every: int = 8,
+        averaging: str = "mean",
+        average_optimizer_state: bool = False,
+        alpha: float = 0.1,
+        outer_learning_rate: float = 0.7,
+        outer_momentum: float = 0.9,
+    ) -> None:
+        # ``self`` IS ``base_strategy`` (see ``__new__``): already initialised.
+        _validate(
+            sync_every, averaging, average_optimizer_state, alpha,
+            outer_learning_rate, outer_momentum,
+        )
+        self.sync_every = int(sync_every)
+        self.averaging = averaging
+        self.average_optimizer_state = bool(average_optimizer_state)
+        self.alpha = float(alpha)
+        self.outer_learning_rate = float(outer_learning_rate)
+        self.outer_momentum = float(outer_momentum)
+        self._lu_runtime = _Runtime()
+        extended = self.extended
+        extended.__class__ = _derived(
+            _EXTENDED_CLASSES, _LocalUpdateExtendedMixin, type(extended)
+        )
+        extended._lu_runtime = self._lu_runtime
+        extended._lu_strategy = weakref.ref(self)
+        with self.scope():
+            # Identical on every replica; written only in cross-replica context.
+            self.pending_steps = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="local_update_pending_steps"
+            )
+            self.sync_count = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="local_update_sync_count"
+            )
+            self.local_divergence = tf.Variable(
+                0.0, dtype=tf.float32, trainable=False, name="local_update_divergence"
+            )
+        self._sync_function = None
+
+    # ------------------------------------------------------------------ API
+
+    def state_variables(self) -> List[tf.Variable]:
+        """Strategy state to checkpoint beside the model and optimizer
+        (position in the period, sync count, averager centre/momentum)."""
+        state = [self.pending_steps, self.sync_count, self.local_divergence]
+        for group in self._lu_runtime.groups.values():
+            state.extend(group.averager.variables())
+        return state
+
+    def checkpoint(self) -> tf.Module:
+        """A trackable holding ``state_variables()`` for ``tf.train.Checkpoint``."""
+        module = tf.Module(name="local_update_state")
+        module.state = self.state_variables()
+        return module
+
+    def synchronize(self) -> None:
+        """Averages the replicas now (eagerly), if any local step is pending."""
+        if not self._lu_runtime.groups:
+            return
+        if self._sync_function is None:
+            self._sync_function = tf.function(self._flush_if_pending)
+        self._sync_function()
+
+    # ----------------------------------------------------- strategy hooks
+
+    def run(self, fn, args=(), kwargs=None, options=None):
+        runtime = self._lu_runtime
+        if runtime.local_mode:  # nested run: already inside a local step
+            return super().run(fn, args, kwargs, options)
+        if _keras_fit.is_keras_inference_step(fn):
+            self._flush_if_pending()
+            return super().run(fn, args, kwargs, options)
+
+        runtime.updated = {}
+        runtime.local_mode = True
+        try:
+            outputs = super().run(self._wrap_step(fn), args, kwargs, options)
+        finally:
+            runtime.local_mode = False
+        if runtime.updated:
+            group = self._group_for(list(runtime.updated.values()))
+            self._after_local_step(group)
+        return outputs
+
+    def reduce(self, reduce_op, value, axis):
+        # Keras reads metric results eagerly through here at every epoch end
+        # (and at the end of evaluate): flush pending local steps first.
+        if (
+            tf.executing_eagerly()
+            and not self._lu_runtime.local_mode
+            and self._lu_runtime.groups
+            and int(self.pending_steps.numpy()) > 0
+        ):
+            self.synchronize()
+        return super().reduce(reduce_op, value, axis)
+
+    # ------------------------------------------------------------ internals
+
+    def _wrap_step(self, fn):
+        runtime = self._lu_runtime
+
+        def local_step(*args, **kwargs):
+            outputs = fn(*args, **kwargs)
+            if runtime.updated and isinstance(outputs, dict):
+                outputs = dict(outputs)
+                outputs[LOCAL_DIVERGENCE] = tf.identity(self.local_divergence.read_value())
+            return outputs
+
+        return local_step
+
+    def _group_for(self, params: List[tf.Variable]) -> _SyncGroup:
+        runtime = self._lu_runtime
+        key = tuple(_keras_fit.variable_key(v) for v in params)
+        if key not in runtime.groups:
+            slots: List[tf.Variable] = []
+            if self.average_optimizer_state:
+                for k in key:
+                    slots.extend(runtime.slots.get(k, []))
+            averager = averagers_lib.get(
+                self.averaging,
+                alpha=self.alpha,
+                outer_learning_rate=self.outer_learning_rate,
+                outer_momentum=self.outer_momentum,
+            )
+            with tf.init_scope():
+                initial = tf.concat(
+                    [tf.reshape(tf.cast(v.read_value(), tf.float32), [-1]) for v in params], 0
+                )
+                averager.build(initial, self)
+            runtime.groups[key] = _SyncGroup(params, slots, averager)
+        return runtime.groups[key]
+
+    def _after_local_step(self, group: _SyncGroup) -> None:
+        self.pending_steps.assign_add(1)
+        pending = self.pending_steps.read_value()
+        if self.sync_every == 1:
+            self._sync(group)
+            return
+
+        def sync():
+            self._sync(group)
+            return tf.constant(True)
+
+        tf.cond(pending >= self.sync_every, sync, lambda: tf.constant(False))
+
+    def _flush_if_pending(self) -> None:
+        groups = list(self._lu_runtime.groups.values())
+        if not groups:
+            return
+
+        def sync():
+            for group in groups:
+                self._sync(group)
+            return tf.constant(True)
+
+        tf.cond(self.pending_steps.read_value() > 0, sync, lambda: tf.constant(False))
+
+    def _sync(self, group: _SyncGroup) -> None:
+        """One packed all-reduce, then the averager; cross-replica context."""
+        variables = group.params + group.slots
+        per_var = [self.experimental_local_results(v) for v in variables]
+        num_local = len(per_var[0])
+        sizes = [v.shape.num_elements() for v in variables]
+        num_params = sum(sizes[: len(group.params)])
+        flats = []
+        for d in range(num_local):
+            with tf.device(per_var[0][d].device):
+                flats.append(
+                    tf.concat(
+                        [tf.reshape(tf.cast(pv[d], tf.float32), [-1]) for pv in per_var], 0
+                    )
+                )
+        packed = _keras_fit.per_replica(flats) if num_local > 1 else flats[0]
+        self._lu_runtime.collective_calls += 1
+        mean = self.extended.reduce_to(tf.distribute.ReduceOp.MEAN, packed, packed)
+        means = list(self.experimental_local_results(mean))
+
+        local_params = [f[:num_params] for f in flats]
+        mean_params = [m[:num_params] for m in means]
+        distances = []
+        for w, w_bar in zip(local_params, mean_params):
+            with tf.device(w.device):
+                distances.append(tf.norm(w - w_bar))
+        with tf.device(flats[0].device):
+            self.local_divergence.assign(tf.add_n(distances) / float(num_local))
+        new_params = group.averager.average(
+            local_params, mean_params, self.num_replicas_in_sync
+        )
+        new_flats = []
+        for d in range(num_local):
+            with tf.device(flats[d].device):
+                new_flats.append(tf.concat([new_params[d], means[d][num_params:]], 0))
+        offset = 0
+        for variable, size in zip(variables, sizes):
+            pieces = []
+            for d in range(num_local):
+                with tf.device(new_flats[d].device):
+                    pieces.append(
+                        tf.cast(
+                            tf.reshape(new_flats[d][offset : offset + size], variable.shape),
+                            variable.dtype,
+                        )
+                    )
+            offset += size
+            value = _keras_fit.per_replica(pieces) if num_local > 1 else pieces[0]
+            self.extended.update(variable, _assign, args=(value,), group=False)
+        self.pending_steps.assign(0)
+        self.sync_count.assign_add(1)
+
+
+def _assign(variable, value):
+    return variable.assign(value)
+
+
+def _validate(
+    sync_every=8,
+    averaging="mean",
+    average_optimizer_state=False,
+    alpha=0.1,
+    outer_learning_rate=0.7,
+    outer_momentum=0.9,
+) -> None:
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"`sync_every` must be an int >= 1, got {sync_every!r}.")
+    if averaging not in averagers_lib.AVERAGING_NAMES:
+        raise ValueError(
+            f"`averaging` must be one of {averagers_lib.AVERAGING_NAMES}, got {averaging!r}."
+        )
+    if not isinstance(average_optimizer_state, bool):
+        raise TypeError(
+            f"`average_optimizer_state` must be a bool, got {average_optimizer_state!r}."
+        )
+    _check_number("alpha", alpha, 0.0, 1.0, True, True)
+    _check_number("outer_learning_rate", outer_learning_rate, 0.0, float("inf"), True, True)
+    _check_number("outer_momentum", outer_momentum, 0.0, 1.0, False, True)
