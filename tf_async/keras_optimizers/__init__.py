@@ -6,3 +6,7 @@ equals its base optimizer when τ = 0.
 """
 
 __all__: list = []
+
+from tf_async.keras_optimizers.sharded_adam import ShardedAdam  # noqa: E402
+
+__all__ += ["ShardedAdam"]
