@@ -32,6 +32,7 @@ per-variable m and v (full shapes, Adam's order), so they restore into any N.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -181,7 +182,14 @@ class ShardedAdam(keras.optimizers.Adam):
                 continue
             by_dtype.setdefault(tf.as_dtype(variable.dtype), []).append(index)
         groups = []
-        with strategy.scope(), tf.init_scope():
+        # Enter the scope if built from outside it (cross-replica context);
+        # a lazy build inside `strategy.run` is already under it.
+        scope = (
+            strategy.scope()
+            if tf.distribute.in_cross_replica_context()
+            else contextlib.nullcontext()
+        )
+        with scope, tf.init_scope():
             for dtype, indices in by_dtype.items():
                 sizes = [int(np.prod(var_list[i].shape)) for i in indices]
                 layout = FlatLayout(sizes, num_shards)
