@@ -150,3 +150,44 @@ class LocalUpdateExtendedSeams:
         variable = super()._create_variable(next_creator, **kwargs)
         self._lu_variable_created(variable, colocate_with)
         return variable
+# ---- sharded Adam seams (Keras 3.15) ----
+# ShardedAdam (tf_async/keras_optimizers/sharded_adam.py) relies on:
+#   * ``TFOptimizer._backend_update_step(grads, trainable_variables,
+#     learning_rate)`` — called by ``BaseOptimizer._backend_apply_gradients``
+#     (from ``apply``, in replica context under ``strategy.run``) with the
+#     clipped, *not yet all-reduced* gradients. ShardedAdam overrides it.
+#   * ``TFOptimizer._apply_weight_decay(variables)`` — called right before
+#     ``_backend_update_step`` with the same variables; ShardedAdam overrides
+#     it to fold the decay into its sharded step.
+#   * ``BaseOptimizer._use_weight_decay(variable)`` — honours
+#     ``exclude_from_weight_decay``; wrapped by ``uses_weight_decay``.
+#   * TF's checkpoint protocol ``Trackable._serialize_to_tensors`` /
+#     ``_restore_from_tensors`` — ``CheckpointedTensor`` below.
+# All pinned in tests/test_keras_seams.py (section "sharded Adam seams").
+
+SHARDED_ADAM_OVERRIDES = ("_backend_update_step", "_apply_weight_decay")
+
+
+def uses_weight_decay(optimizer, variable) -> bool:
+    """``optimizer._use_weight_decay(variable)`` (Keras 3.15 BaseOptimizer)."""
+    return bool(optimizer._use_weight_decay(variable))
+
+
+class CheckpointedTensor(tf.__internal__.tracking.Trackable):
+    """A checkpoint entry whose value is computed on save and scattered on restore.
+
+    ``read_fn()`` returns the logical tensor to save; ``write_fn(tensor)``
+    stores a restored tensor (returning the assign op(s)). Saved under the
+    same key a variable uses (``.ATTRIBUTES/VARIABLE_VALUE``), via TF's
+    ``_serialize_to_tensors`` / ``_restore_from_tensors`` protocol.
+    """
+
+    def __init__(self, read_fn, write_fn) -> None:
+        self._read_fn = read_fn
+        self._write_fn = write_fn
+
+    def _serialize_to_tensors(self):
+        return {"VARIABLE_VALUE": self._read_fn()}
+
+    def _restore_from_tensors(self, restored_tensors):
+        return self._write_fn(restored_tensors["VARIABLE_VALUE"])

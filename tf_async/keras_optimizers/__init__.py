@@ -10,3 +10,7 @@ from tf_async.keras_optimizers.delay_compensated import DCSGD, DCAdam, AdamAsync
 __all__ += ["DCSGD", "DCAdam", "AdamAsync"]
 from tf_async.keras_optimizers.staleness_scaled import StalenessScaled  # noqa: E402
 __all__ += ["StalenessScaled"]
+
+from tf_async.keras_optimizers.sharded_adam import ShardedAdam  # noqa: E402
+
+__all__ += ["ShardedAdam"]

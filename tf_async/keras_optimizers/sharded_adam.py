@@ -1,0 +1,463 @@
+"""ShardedAdam: Adam / AdamW with ZeRO-1 partitioned optimizer state.
+
+ZeRO stage 1 (Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training
+Trillion Parameter Models", SC 2020): with N data-parallel replicas, replica r
+keeps only a contiguous 1/N slice of the flattened Adam moments m and v,
+
+    g     = Σ_replicas g_replica                       (all-reduce, as Keras)
+    m_r  ← m_r + (g_r − m_r)(1 − β1)                   (slice r only)
+    v_r  ← v_r + (g_r² − v_r)(1 − β2)
+    α_t   = lr · sqrt(1 − β2^t) / (1 − β1^t)
+    w_r  ← w_r − λ·lr·w_r  (AdamW decay, if weight_decay=λ)
+    w_r  ← w_r − α_t · m_r / (sqrt(v_r) + ε)
+    w     = all_gather_r(w_r)                           (every replica)
+
+which is exactly Keras' Adam, element for element (same ops, same order), so
+results match ``keras.optimizers.Adam`` / ``AdamW``. Model variables are
+grouped by dtype; each group is flattened and padded by at most N − 1 elements
+(``_flat_layout.FlatLayout``).
+
+State placement by strategy:
+  * no strategy / default / ``OneDeviceStrategy`` / ``MirroredStrategy``: the
+    sharded scheme above (N = number of replicas; N = 1 is plain Adam). The
+    slices are ``ON_READ`` / ``NONE`` variables: one component per replica
+    device, each holding only that replica's slice.
+  * ``tf.distribute.experimental.ParameterServerStrategy`` (and subclasses):
+    per-variable slots created beside their variable on the parameter servers
+    (Keras colocates them), so workers hold no optimizer state.
+
+Checkpoints (``tf.train.Checkpoint`` and ``model.save``) hold the *logical*
+per-variable m and v (full shapes, Adam's order), so they restore into any N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from typing import Any, Dict, List, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from tf_async import _keras_fit
+from tf_async.keras_optimizers._flat_layout import FlatLayout
+
+_MODE_SHARDED = "sharded"
+_MODE_PARAMETER_SERVER = "parameter_server"
+
+
+def _strategy_mode(strategy: tf.distribute.Strategy) -> str:
+    """``"sharded"`` or ``"parameter_server"``; ValueError for anything else."""
+    if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
+        return _MODE_SHARDED
+    if isinstance(
+        strategy, (tf.distribute.MirroredStrategy, tf.distribute.OneDeviceStrategy)
+    ):
+        return _MODE_SHARDED
+    if isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy):
+        return _MODE_PARAMETER_SERVER
+    if type(strategy).__name__ == "AsyncParameterServerStrategy":
+        return _MODE_PARAMETER_SERVER
+    raise ValueError(
+        f"ShardedAdam does not support the distribution strategy "
+        f"{type(strategy).__module__}.{type(strategy).__name__}. Supported: no "
+        "strategy, tf.distribute.OneDeviceStrategy, tf.distribute.MirroredStrategy, "
+        "tf.distribute.experimental.ParameterServerStrategy and "
+        "tf_async AsyncParameterServerStrategy. Use keras.optimizers.Adam there."
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+class _ShardGroup:
+    """Flat layout and sharded slots of all model variables of one dtype.
+
+    A plain (non-trackable) object on purpose: the per-replica slices are not
+    checkpointed as such; the logical tensors are (``CheckpointedTensor``).
+    """
+
+    def __init__(
+        self,
+        dtype: tf.DType,
+        indices: List[int],
+        layout: FlatLayout,
+        slots: Dict[str, tf.Variable],
+    ) -> None:
+        self.dtype = dtype
+        self.indices = indices  # optimizer variable indices, in flat order
+        self.layout = layout
+        self.slots = slots  # slot name -> ON_READ variable, one slice per replica
+
+
+@keras.saving.register_keras_serializable(package="tf_async")
+class ShardedAdam(keras.optimizers.Adam):
+    """Adam (AdamW with ``weight_decay``) whose m, v are split over replicas.
+
+    Same arguments and results as ``keras.optimizers.Adam``; under
+    ``MirroredStrategy`` with N replicas each replica stores 1/N of the
+    optimizer state (ZeRO-1). See the module docstring for the formula.
+
+    Args:
+        learning_rate: float >= 0, a ``LearningRateSchedule`` or a callable.
+        beta_1: decay of the first moment, in [0, 1).
+        beta_2: decay of the second moment, in [0, 1).
+        epsilon: > 0, added to sqrt(v).
+        amsgrad: bool, keep the running maximum of v (AMSGrad).
+        weight_decay: None or >= 0; decoupled decay (AdamW).
+        **kwargs: the other ``keras.optimizers.Optimizer`` arguments
+            (clipnorm, clipvalue, global_clipnorm, loss_scale_factor, name).
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+        weight_decay: Optional[float] = None,
+        name: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
+        _validate_arguments(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay)
+        for unsupported in ("use_ema", "gradient_accumulation_steps"):
+            if kwargs.get(unsupported):
+                raise ValueError(
+                    f"ShardedAdam does not support `{unsupported}` (its state would "
+                    f"not be sharded). Received: {unsupported}={kwargs[unsupported]!r}"
+                )
+        if _is_number(learning_rate):
+            learning_rate = float(learning_rate)
+        mode = _strategy_mode(tf.distribute.get_strategy())
+        super().__init__(
+            learning_rate=learning_rate,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            amsgrad=amsgrad,
+            weight_decay=weight_decay,
+            name=name,
+            **kwargs,
+        )
+        self._mode = mode
+        self._groups: tuple = ()
+        self._logical_order: tuple = ()
+
+    # ------------------------------------------------------------------ build
+    @property
+    def num_shards(self) -> int:
+        """N: replicas the state is split over (1 under a PS strategy)."""
+        if self._mode != _MODE_SHARDED:
+            return 1
+        return self._distribution_strategy.num_replicas_in_sync
+
+    def _slot_names(self) -> List[str]:
+        return ["momentum", "velocity"] + (["velocity_hat"] if self.amsgrad else [])
+
+    def build(self, var_list: Sequence[Any]) -> None:
+        """Creates the state: per-replica flat slices, or PS-colocated slots."""
+        if self.built:
+            return
+        if self._mode == _MODE_PARAMETER_SERVER:
+            super().build(var_list)
+            return
+        current = tf.distribute.get_strategy()
+        if tf.distribute.has_strategy() and current is not self._distribution_strategy:
+            raise ValueError(
+                "ShardedAdam must be created inside the same strategy scope it is "
+                f"built in; it was created under {type(self._distribution_strategy).__name__}"
+                f" but is built under {type(current).__name__}. Construct it inside "
+                "`strategy.scope()`."
+            )
+        keras.optimizers.Optimizer.build(self, var_list)  # indices, iterations
+        strategy = self._distribution_strategy
+        num_shards = self.num_shards
+        by_dtype: Dict[tf.DType, List[int]] = {}
+        for index, variable in enumerate(var_list):
+            if getattr(variable, "overwrite_with_gradient", False):
+                continue
+            by_dtype.setdefault(tf.as_dtype(variable.dtype), []).append(index)
+        groups = []
+        # Enter the scope if built from outside it (cross-replica context);
+        # a lazy build inside `strategy.run` is already under it.
+        scope = (
+            strategy.scope()
+            if tf.distribute.in_cross_replica_context()
+            else contextlib.nullcontext()
+        )
+        with scope, tf.init_scope():
+            for dtype, indices in by_dtype.items():
+                sizes = [int(np.prod(var_list[i].shape)) for i in indices]
+                layout = FlatLayout(sizes, num_shards)
+                slots = {
+                    slot: tf.Variable(
+                        tf.zeros([layout.shard_size], dtype),
+                        trainable=False,
+                        name=f"{self.name}/{slot}_shard_{dtype.name}",
+                        synchronization=tf.VariableSynchronization.ON_READ,
+                        aggregation=tf.VariableAggregation.NONE,
+                    )
+                    for slot in self._slot_names()
+                }
+                groups.append(_ShardGroup(dtype, indices, layout, slots))
+        self._groups = tuple(groups)
+        # Logical state in keras.optimizers.Adam's order: m_0, v_0, m_1, v_1,
+        # ..., then v_hat_0, v_hat_1, ... (amsgrad).
+        locate = {}
+        for group in self._groups:
+            for position, index in enumerate(group.indices):
+                locate[index] = (group, position)
+        order = []
+        for index in sorted(locate):
+            for slot in ("momentum", "velocity"):
+                order.append((slot, index, *locate[index]))
+        if self.amsgrad:
+            for index in sorted(locate):
+                order.append(("velocity_hat", index, *locate[index]))
+        self._logical_order = tuple(order)
+        self._logical_slots = [
+            _keras_fit.CheckpointedTensor(
+                self._make_reader(slot, group, position, var_list[index]),
+                self._make_writer(slot, group, position),
+            )
+            for slot, index, group, position in order
+        ]
+
+    # ------------------------------------------------ logical (unsharded) state
+    def _components(self, group: _ShardGroup, slot: str) -> tuple:
+        return tuple(self._distribution_strategy.experimental_local_results(group.slots[slot]))
+
+    def _make_reader(self, slot: str, group: _ShardGroup, position: int, reference):
+        shape = tuple(reference.shape)
+
+        def read() -> tf.Tensor:
+            components = self._components(group, slot)
+            parts = [
+                tf.convert_to_tensor(components[p.shard])[
+                    p.shard_start : p.shard_start + p.stop - p.start
+                ]
+                for p in group.layout.parts(position)
+            ]
+            if not parts:
+                return tf.zeros(shape, group.dtype)
+            flat = parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+            return tf.reshape(flat, shape)
+
+        return read
+
+    def _make_writer(self, slot: str, group: _ShardGroup, position: int):
+        def write(value) -> Any:
+            flat = tf.reshape(tf.cast(value, group.dtype), [-1])
+            size = group.layout.sizes[position]
+            if flat.shape[0] is not None and flat.shape[0] != size:
+                raise ValueError(
+                    f"Cannot restore ShardedAdam slot {slot!r}: saved tensor has "
+                    f"{flat.shape[0]} elements, the variable has {size}."
+                )
+            components = self._components(group, slot)
+            ops_ = [
+                components[p.shard][
+                    p.shard_start : p.shard_start + p.stop - p.start
+                ].assign(flat[p.start : p.stop])
+                for p in group.layout.parts(position)
+            ]
+            return tf.group(ops_)
+
+        return write
+
+    def logical_state(self) -> List[np.ndarray]:
+        """The unsharded optimizer state, as ``keras.optimizers.Adam.variables`` has it."""
+        values = [np.asarray(v.numpy()) for v in self.variables]
+        if self._mode == _MODE_SHARDED:
+            values += [np.asarray(s._read_fn().numpy()) for s in self._logical_slots]
+        return values
+
+    def save_own_variables(self, store) -> None:
+        """Saves the logical state in ``keras.optimizers.Adam``'s layout."""
+        for i, value in enumerate(self.logical_state()):
+            store[str(i)] = value
+
+    def load_own_variables(self, store) -> None:
+        """Loads a state saved by ShardedAdam (any N) or ``keras.optimizers.Adam``."""
+        if self._mode != _MODE_SHARDED:
+            return super().load_own_variables(store)
+        own = list(self.variables)
+        expected = len(own) + len(self._logical_slots)
+        if len(store.keys()) != expected:
+            raise ValueError(
+                f"Cannot load optimizer '{self.name}': it has {expected} logical "
+                f"variables (built={self.built}) but the saved optimizer has "
+                f"{len(store.keys())}."
+            )
+        for i, variable in enumerate(own):
+            variable.assign(store[str(i)])
+        for j, slot in enumerate(self._logical_slots):
+            slot._write_fn(tf.convert_to_tensor(store[str(len(own) + j)]))
+
+    # ----------------------------------------------------------- the update
+    def _apply_weight_decay(self, variables) -> None:
+        # Sharded mode folds the (decoupled) decay into the sliced update.
+        if self._mode != _MODE_SHARDED:
+            super()._apply_weight_decay(variables)
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate) -> None:
+        if self._mode != _MODE_SHARDED:
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        context = tf.distribute.get_replica_context()
+        if context is None:
+            # Cross-replica `apply` (gradients already total): run every replica.
+            self._distribution_strategy.run(
+                lambda: self._sharded_step(
+                    grads, trainable_variables, learning_rate, reduce=False
+                )
+            )
+        else:
+            self._sharded_step(grads, trainable_variables, learning_rate, reduce=True)
+
+    def _sharded_step(self, grads, trainable_variables, learning_rate, reduce: bool) -> None:
+        """ZeRO-1 Adam step for this replica (runs in replica context)."""
+        context = tf.distribute.get_replica_context()
+        num_shards = self.num_shards
+        replica = 0
+        if num_shards > 1:
+            replica = tf.get_static_value(context.replica_id_in_sync_group)
+            if replica is None:
+                raise ValueError("ShardedAdam needs a static replica id (MirroredStrategy).")
+            replica = int(replica)
+        grads = [
+            tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+            for g in grads
+        ]
+        if reduce and num_shards > 1:
+            grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        grad_of = {
+            self._get_variable_index(v): g for g, v in zip(grads, trainable_variables)
+        }
+        variables = self._trainable_variables
+        decay = self.weight_decay is not None
+        new_slices = []
+        for group in self._groups:
+            new_slices.append(
+                self._update_slice(group, replica, grad_of, variables, learning_rate, decay)
+            )
+        if num_shards > 1:
+            gathered = context.all_gather(new_slices, axis=0)
+        else:
+            gathered = new_slices
+        for group, flat in zip(self._groups, gathered):
+            for position, index in enumerate(group.indices):
+                if index not in grad_of:
+                    continue
+                variable = variables[index]
+                offset = group.layout.offsets[position]
+                size = group.layout.sizes[position]
+                value = tf.reshape(flat[offset : offset + size], variable.shape)
+                local = self._distribution_strategy.experimental_local_results(
+                    variable.value
+                )[replica]
+                local.assign(value)
+
+    def _update_slice(self, group, replica, grad_of, variables, learning_rate, decay):
+        """Adam on this replica's slice of ``group``; returns the new parameter slice."""
+        dtype = group.dtype
+        g_parts, w_parts, keep = [], [], []
+        lr = ops.cast(learning_rate, dtype)
+        for piece in group.layout.pieces(replica):
+            index = group.indices[piece.index]
+            variable = variables[index]
+            w = tf.reshape(variable.value, [-1])[piece.start : piece.stop]
+            if decay and index in grad_of and _keras_fit.uses_weight_decay(self, variable):
+                wd = ops.cast(self.weight_decay, dtype)
+                w = w - w * wd * lr
+            w_parts.append(w)
+            gradient = grad_of.get(index)
+            if gradient is None:
+                g_parts.append(tf.zeros([piece.size], dtype))
+            else:
+                g_parts.append(
+                    tf.reshape(ops.cast(gradient, dtype), [-1])[piece.start : piece.stop]
+                )
+            keep.append((gradient is not None, piece.size))
+        padding = group.layout.shard_padding(replica)
+        if padding:
+            g_parts.append(tf.zeros([padding], dtype))
+            w_parts.append(tf.zeros([padding], dtype))
+            keep.append((True, padding))
+        g = tf.concat(g_parts, axis=0) if len(g_parts) > 1 else g_parts[0]
+        w = tf.concat(w_parts, axis=0) if len(w_parts) > 1 else w_parts[0]
+
+        local_step = ops.cast(self.iterations + 1, dtype)
+        beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
+        beta_2_power = ops.power(ops.cast(self.beta_2, dtype), local_step)
+        alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+
+        m_var, v_var = group.slots["momentum"], group.slots["velocity"]
+        m_old, v_old = m_var.read_value(), v_var.read_value()
+        m = m_old + ops.multiply(ops.subtract(g, m_old), 1 - self.beta_1)
+        v = v_old + ops.multiply(ops.subtract(ops.square(g), v_old), 1 - self.beta_2)
+        v_used = v
+        v_hat = None
+        if self.amsgrad:
+            v_hat_old = group.slots["velocity_hat"].read_value()
+            v_hat = ops.maximum(v_hat_old, v)
+            v_used = v_hat
+        w_new = w - ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v_used), self.epsilon))
+
+        if not all(has for has, _ in keep):
+            # Variables without a gradient keep their state, as in Keras Adam.
+            mask = tf.concat(
+                [tf.fill([size], has) for has, size in keep], axis=0
+            )
+            m = tf.where(mask, m, m_old)
+            v = tf.where(mask, v, v_old)
+            w_new = tf.where(mask, w_new, w)
+            if v_hat is not None:
+                v_hat = tf.where(mask, v_hat, v_hat_old)
+        m_var.assign(m)
+        v_var.assign(v)
+        if v_hat is not None:
+            group.slots["velocity_hat"].assign(v_hat)
+        return w_new
+
+
+def _validate_arguments(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay) -> None:
+    """ValueError/TypeError naming the argument and its allowed range."""
+    if _is_number(learning_rate):
+        if not np.isfinite(learning_rate) or learning_rate < 0:
+            raise ValueError(
+                "`learning_rate` must be a finite float >= 0, a LearningRateSchedule "
+                f"or a callable. Received: learning_rate={learning_rate}"
+            )
+    elif not (
+        callable(learning_rate)
+        or isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule)
+    ):
+        raise ValueError(
+            "`learning_rate` must be a float >= 0, a LearningRateSchedule or a "
+            f"callable. Received: learning_rate={learning_rate!r}"
+        )
+    for name, value in (("beta_1", beta_1), ("beta_2", beta_2)):
+        if not _is_number(value):
+            raise TypeError(f"`{name}` must be a float in [0, 1). Received: {name}={value!r}")
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value}")
+    if not _is_number(epsilon):
+        raise TypeError(f"`epsilon` must be a float > 0. Received: epsilon={epsilon!r}")
+    if not epsilon > 0:
+        raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
+    if not isinstance(amsgrad, (bool, np.bool_)):
+        raise TypeError(f"`amsgrad` must be a bool. Received: amsgrad={amsgrad!r}")
+    if weight_decay is not None:
+        if not _is_number(weight_decay):
+            raise TypeError(
+                "`weight_decay` must be None or a float >= 0. "
+                f"Received: weight_decay={weight_decay!r}"
+            )
+        if not np.isfinite(weight_decay) or weight_decay < 0:
+            raise ValueError(
+                f"`weight_decay` must be None or a float >= 0. Received: weight_decay={weight_decay}"
+            )
