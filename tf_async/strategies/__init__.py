@@ -3,3 +3,5 @@ asynchronous (parameter server), local-update (periodic averaging) or
 simulated-asynchronous (one device, deterministic staleness)."""
 
 __all__: list = []
+from tf_async.strategies.async_parameter_server import AsyncParameterServerStrategy  # noqa: E402
+__all__ += ["AsyncParameterServerStrategy"]
