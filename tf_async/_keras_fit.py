@@ -220,3 +220,34 @@ def symbolic_build(model, data_batch) -> None:
 
 def assert_compile_called(model, method_name: str) -> None:
     model._assert_compile_called(method_name)
+
+
+def run_in_single_replica_context(strategy, fn, *args):
+    """Calls ``fn(*args)`` in ``strategy``'s replica 0, on the calling thread.
+
+    ``strategy.run`` of ParameterServerStrategy traces the replica function on a
+    separate replica thread (``mirrored_run``) and runs ``merge_call``s (Keras'
+    optimizer update) back on the caller's thread, where a thread-local
+    ``staleness.publish`` context would be invisible. With one replica per
+    worker nothing needs merging across threads, so the step runs like
+    ``OneDeviceStrategy`` does it: a ``ReplicaContext`` entered on this thread
+    (its ``merge_call`` runs the merge function inline).
+    """
+    if strategy.num_replicas_in_sync != 1:
+        raise ValueError(
+            "AsyncParameterServerStrategy supports one replica (device) per worker; "
+            f"this cluster has {strategy.num_replicas_in_sync} per worker."
+        )
+    with strategy.scope():
+        with _SingleReplicaContext(
+            strategy, replica_id_in_sync_group=tf.constant(0, tf.int32)
+        ):
+            return fn(*args)
+
+
+class _SingleReplicaContext(tf.distribute.ReplicaContext):
+    """Replica context of a one-replica step: all-reduce is the identity."""
+
+    def all_reduce(self, reduce_op, value, options=None):
+        del reduce_op, options  # SUM and MEAN over one replica are the value.
+        return value

@@ -86,6 +86,7 @@ def steps_and_source(
             raise ValueError(
                 "`y`/`sample_weight` must be None when `x` is a tf.data.Dataset."
             )
+        check_sendable(x)
         cardinality = _cardinality(x)
         if steps_per_epoch is None:
             if cardinality < 0:
@@ -97,7 +98,6 @@ def steps_and_source(
             if cardinality == 0:
                 raise ValueError("`x` is an empty dataset.")
             steps_per_epoch = cardinality
-        check_sendable(x)
         return steps_per_epoch, x.repeat() if cardinality >= 0 else x
     if callable(x):
         if steps_per_epoch is None:

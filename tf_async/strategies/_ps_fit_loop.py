@@ -127,7 +127,9 @@ def run_fit(
         data = next(iterator)
 
         def train():
-            strategy.run(train_step.replica_fn, args=(step_id, data))
+            _keras_fit.run_in_single_replica_context(
+                strategy, train_step.replica_fn, step_id, data
+            )
             return tf.constant(True)
 
         # A retried closure whose first attempt completed is skipped.

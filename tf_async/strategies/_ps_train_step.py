@@ -42,6 +42,17 @@ from tf_async import _keras_fit, staleness
 _COUNT_LIMIT = 2**62
 
 
+def _deps(values) -> list:
+    """Tensors to wait for (``IndexedSlices`` gradients contribute their values)."""
+    out = []
+    for value in values:
+        if isinstance(value, tf.IndexedSlices):
+            value = value.values
+        if value is not None:
+            out.append(value)
+    return out
+
+
 def _fetch_and_increment(variable: tf.Variable) -> tf.Tensor:
     """Atomic ``old = v; v += 1; return old`` on an int64 resource variable."""
     return tf.raw_ops.ResourceCountUpTo(
@@ -157,7 +168,7 @@ class TrainStep:
                 values, x, y, sample_weight
             )
             if self.max_staleness is None:
-                with tf.control_dependencies(gradients):
+                with tf.control_dependencies(_deps(gradients)):
                     ticket = _fetch_and_increment(counters.version)
                 tau = ticket - v_read
                 with tf.control_dependencies([ticket]):
@@ -178,20 +189,20 @@ class TrainStep:
     def _bounded_apply(self, v_read, gradients, values, y_pred, loss, updates, x, y, sw):
         counters = self.counters
         model = self.model
-        with tf.control_dependencies(gradients):
+        with tf.control_dependencies(_deps(gradients)):
             ticket = _fetch_and_increment(counters.tickets)
 
-        # Ticket lock: wait for our turn in the global update order.
-        def not_my_turn(i):
-            return counters.version.read_value() < ticket
-
+        # Ticket lock: wait for our turn in the global update order (the
+        # version read is a loop variable, so what follows depends on its data).
         with tf.control_dependencies([ticket]):
-            waited = tf.while_loop(
-                not_my_turn, lambda i: i + 1, [tf.constant(0, tf.int64)],
-                parallel_iterations=1,
-            )
-        with tf.control_dependencies([waited]):
-            tau_read = ticket - v_read
+            first_seen = counters.version.read_value()
+        _, seen = tf.while_loop(
+            lambda i, seen: seen < ticket,
+            lambda i, seen: (i + 1, counters.version.read_value()),
+            [tf.constant(0, tf.int64), first_seen],
+            parallel_iterations=1,
+        )
+        tau_read = seen - v_read  # seen == ticket: updates applied since the read
 
         def fresh():
             fresh_values = self._snapshot(model.trainable_variables)
