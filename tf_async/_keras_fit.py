@@ -191,3 +191,214 @@ class CheckpointedTensor(tf.__internal__.tracking.Trackable):
 
     def _restore_from_tensors(self, restored_tensors):
         return self._write_fn(restored_tensors["VARIABLE_VALUE"])
+# ---- async parameter-server seams (Keras 3.15) ----
+#
+# * ``install_trainer_dispatch`` — Keras 3.15 ``TensorFlowTrainer.fit`` /
+#   ``evaluate`` / ``predict`` cannot run under ParameterServerStrategy (they
+#   wrap data with ``experimental_distribute_dataset`` and call
+#   ``strategy.run`` directly). The dispatch wraps these three methods once: if
+#   the model's strategy has ``_tf_async_<method>``, that hook runs instead
+#   (it receives the original method so it can reuse Keras' own loop).
+# * ``install_atomic_assign_add`` — Keras' ``Variable.assign_add`` is
+#   ``assign(self + value)`` (read, then write), which loses increments when
+#   several workers update one parameter-server variable concurrently (e.g.
+#   ``optimizer.iterations``: 228 of 300 steps with 2 workers). The TF-backend
+#   Variable gets an ``assign_add``/``assign_sub`` that issues the backing
+#   ``tf.Variable``'s atomic ``AssignAddVariableOp`` (same value, one op).
+# * Trainer internals the plugin fit loop uses: ``_loss_tracker``,
+#   ``_compute_loss``, ``_compile_metrics``, ``_call_has_training_arg``,
+#   ``_distribute_strategy``, ``_initial_epoch`` (BackupAndRestore),
+#   ``_should_eval``, ``_get_metrics_result_or_logs``, the default strategy,
+#   and ``PerWorkerDistributedIterator`` (per-worker iterators from per-worker
+#   ``InputContext``s).
+
+_DISPATCHED_METHODS = ("fit", "evaluate", "predict")
+
+
+def _tensorflow_trainer_class():
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    return TensorFlowTrainer
+
+
+def install_trainer_dispatch() -> None:
+    """Routes ``model.fit/evaluate/predict`` to a strategy hook when present.
+
+    Idempotent. For a model whose ``distribute_strategy`` defines
+    ``_tf_async_fit`` (resp. ``_tf_async_evaluate``, ``_tf_async_predict``),
+    ``model.fit(*args, **kwargs)`` calls
+    ``strategy._tf_async_fit(model, original_fit, *args, **kwargs)``; all other
+    models run Keras' method unchanged.
+    """
+    import functools
+
+    trainer = _tensorflow_trainer_class()
+    for name in _DISPATCHED_METHODS:
+        original = trainer.__dict__[name]
+        if getattr(original, "_tf_async_dispatch", False):
+            continue
+
+        def make(original=original, name=name):
+            @functools.wraps(original)
+            def dispatched(self, *args, **kwargs):
+                hook = getattr(self.distribute_strategy, f"_tf_async_{name}", None)
+                if hook is None:  # compiled in a plugin strategy's scope only?
+                    optimizer_strategy = getattr(
+                        getattr(self, "optimizer", None), "_distribution_strategy", None
+                    )
+                    hook = getattr(optimizer_strategy, f"_tf_async_{name}", None)
+                if hook is None:
+                    return original(self, *args, **kwargs)
+                return hook(self, functools.partial(original, self), *args, **kwargs)
+
+            dispatched._tf_async_dispatch = True
+            dispatched._tf_async_original = original
+            return dispatched
+
+        setattr(trainer, name, make())
+
+
+def _tf_backend_variable_class():
+    from keras.src.backend.tensorflow.core import Variable
+
+    return Variable
+
+
+def _atomic_update(self, value, negate: bool):
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    original = _ORIGINAL_ASSIGN_SUB if negate else _ORIGINAL_ASSIGN_ADD
+    if in_stateless_scope() or self._value is None:
+        return original(self, value)
+    value = self._convert_to_tensor(value, dtype=self._dtype)
+    if not value.shape.is_compatible_with(tf.TensorShape(self.shape)):
+        return original(self, value)  # raises Keras' shape-mismatch error
+    value = tf.cast(value, self._value.dtype)
+    if negate:
+        return self._value.assign_sub(value)
+    return self._value.assign_add(value)
+
+
+_ORIGINAL_ASSIGN_ADD = None
+_ORIGINAL_ASSIGN_SUB = None
+
+
+def install_atomic_assign_add() -> None:
+    """Makes Keras (TF backend) ``Variable.assign_add/assign_sub`` atomic. Idempotent."""
+    global _ORIGINAL_ASSIGN_ADD, _ORIGINAL_ASSIGN_SUB
+    variable_class = _tf_backend_variable_class()
+    if getattr(variable_class.assign_add, "_tf_async_atomic", False):
+        return
+    _ORIGINAL_ASSIGN_ADD = variable_class.assign_add
+    _ORIGINAL_ASSIGN_SUB = variable_class.assign_sub
+
+    def assign_add(self, value):
+        return _atomic_update(self, value, negate=False)
+
+    def assign_sub(self, value):
+        return _atomic_update(self, value, negate=True)
+
+    assign_add._tf_async_atomic = True
+    assign_sub._tf_async_atomic = True
+    variable_class.assign_add = assign_add
+    variable_class.assign_sub = assign_sub
+
+
+def default_strategy() -> tf.distribute.Strategy:
+    """TF's default (no-op) strategy object, even inside another strategy's scope."""
+    from tensorflow.python.distribute import distribute_lib
+
+    return distribute_lib._get_default_strategy()
+
+
+def model_strategy(model):
+    """The strategy ``model`` was created under (``None`` if none)."""
+    return model._distribute_strategy
+
+
+def set_model_strategy(model, strategy) -> None:
+    model._distribute_strategy = strategy
+
+
+def loss_tracker(model):
+    return model._loss_tracker
+
+
+def compute_loss(model, x, y, y_pred, sample_weight):
+    return model._compute_loss(
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+    )
+
+
+def compile_metrics(model):
+    return model._compile_metrics
+
+
+def call_has_training_arg(model) -> bool:
+    return model._call_has_training_arg
+
+
+def initial_epoch(model, initial_epoch: int) -> int:
+    """Keras' ``fit`` resumes at ``model._initial_epoch`` (set by BackupAndRestore)."""
+    return model._initial_epoch or initial_epoch
+
+
+def should_eval(model, epoch: int, validation_freq) -> bool:
+    return model._should_eval(epoch, validation_freq)
+
+
+def metrics_result_or_logs(model, logs):
+    return model._get_metrics_result_or_logs(logs)
+
+
+def per_worker_iterator(remote_values):
+    """Wraps one iterator ``RemoteValue`` per worker (worker order) for ``schedule``."""
+    from tensorflow.python.distribute.coordinator import values as coordinator_values
+
+    return coordinator_values.PerWorkerDistributedIterator(tuple(remote_values))
+
+
+def per_worker_remote_values(per_worker_value):
+    """The per-worker ``RemoteValue``s inside a ``PerWorkerValues`` (worker order)."""
+    return tuple(per_worker_value._values)
+
+
+def symbolic_build(model, data_batch) -> None:
+    """Builds model, compiled metrics/loss and optimizer from a batch structure
+    (tensors or ``tf.TensorSpec``s), like Keras' ``fit`` does before training."""
+    model._symbolic_build(data_batch=data_batch)
+
+
+def assert_compile_called(model, method_name: str) -> None:
+    model._assert_compile_called(method_name)
+
+
+def run_in_single_replica_context(strategy, fn, *args):
+    """Calls ``fn(*args)`` in ``strategy``'s replica 0, on the calling thread.
+
+    ``strategy.run`` of ParameterServerStrategy traces the replica function on a
+    separate replica thread (``mirrored_run``) and runs ``merge_call``s (Keras'
+    optimizer update) back on the caller's thread, where a thread-local
+    ``staleness.publish`` context would be invisible. With one replica per
+    worker nothing needs merging across threads, so the step runs like
+    ``OneDeviceStrategy`` does it: a ``ReplicaContext`` entered on this thread
+    (its ``merge_call`` runs the merge function inline).
+    """
+    if strategy.num_replicas_in_sync != 1:
+        raise ValueError(
+            "AsyncParameterServerStrategy supports one replica (device) per worker; "
+            f"this cluster has {strategy.num_replicas_in_sync} per worker."
+        )
+    with strategy.scope():
+        with _SingleReplicaContext(
+            strategy, replica_id_in_sync_group=tf.constant(0, tf.int32)
+        ):
+            return fn(*args)
+
+
+class _SingleReplicaContext(tf.distribute.ReplicaContext):
+    """Replica context of a one-replica step: all-reduce is the identity."""
+
+    def all_reduce(self, reduce_op, value, options=None):
+        del reduce_op, options  # SUM and MEAN over one replica are the value.
+        return value

@@ -7,3 +7,5 @@ from tf_async.strategies.simulated_async import SimulatedAsyncStrategy  # noqa: 
 __all__ += ["SimulatedAsyncStrategy"]
 from tf_async.strategies.local_update import LocalUpdateStrategy  # noqa: E402
 __all__ += ["LocalUpdateStrategy"]
+from tf_async.strategies.async_parameter_server import AsyncParameterServerStrategy  # noqa: E402
+__all__ += ["AsyncParameterServerStrategy"]

@@ -1,0 +1,261 @@
+"""AsyncParameterServerStrategy: model.fit on a parameter-server cluster.
+
+Every cluster check runs in a fresh spawned process (a process that connected to
+a cluster cannot go back); several checks share one child to save start-up time.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_async import staleness
+
+N_FEATURES = 8
+
+
+@keras.saving.register_keras_serializable(package="tf_async_tests")
+class TauRecordingSGD(keras.optimizers.SGD):
+    """SGD that sums the τ it sees through the StepContext (one count per step)."""
+
+    def build(self, variables):
+        super().build(variables)
+        self.tau_seen = self.add_variable((), dtype="int64", name="tau_seen")
+        self.read_mismatch = self.add_variable((), dtype="int64", name="read_mismatch")
+        self._first_key = self._var_key(variables[0])
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self._var_key(variable) == self._first_key:
+            self.tau_seen.assign_add(staleness.current_tau())
+            # The published read value must have the variable's shape and be
+            # the value the gradient was computed at (not None / not current).
+            context = staleness.current()
+            if context is None or variable not in context:
+                self.read_mismatch.assign_add(1)
+        super().update_step(gradient, variable, learning_rate)
+
+
+def _data(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, N_FEATURES)).astype("float32")
+    y = (x[:, :4].sum(1) > x[:, 4:].sum(1)).astype("int32")
+    return x, y
+
+
+def _model():
+    return keras.Sequential([
+        keras.Input((N_FEATURES,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(2, activation="softmax"),
+    ])
+
+
+def _strategy(workers=3, ps=1, **kwargs):
+    import tf_async
+
+    return tf_async.strategies.AsyncParameterServerStrategy(
+        tf_async.local_cluster(workers=workers, ps=ps), **kwargs
+    )
+
+
+# ------------------------------------------------------------- no cluster
+
+
+def test_bad_max_staleness_and_cluster_raise_before_connecting():
+    import tf_async
+
+    Strategy = tf_async.strategies.AsyncParameterServerStrategy
+    spec = tf.train.ClusterSpec({"worker": ["localhost:1"], "ps": ["localhost:2"]})
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(spec, rpc_layer="grpc")
+    with pytest.raises(ValueError, match=r"`max_staleness` must be None .* >= 0, got -1"):
+        Strategy(resolver, max_staleness=-1)
+    with pytest.raises(TypeError, match="`max_staleness`"):
+        Strategy(resolver, max_staleness=1.5)
+    with pytest.raises(ValueError, match="`log_every_steps`"):
+        Strategy(resolver, log_every_steps=0)
+    no_ps = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": ["localhost:1"]}), rpc_layer="grpc")
+    with pytest.raises(ValueError, match="at least one 'ps' task"):
+        Strategy(no_ps)
+    no_workers = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"ps": ["localhost:1"]}), rpc_layer="grpc")
+    with pytest.raises(ValueError, match="at least one 'worker' task"):
+        Strategy(no_workers)
+    with pytest.raises(ValueError, match="`cluster_resolver` is required"):
+        Strategy(None)
+
+
+# -------------------------------------------------- core fit (one child)
+
+
+def _child_core_fit():
+    strategy = _strategy(workers=3, ps=1)
+    results = {}
+    x, y = _data()
+    with strategy.scope():
+        model = _model()
+        model.compile(optimizer=TauRecordingSGD(0.1), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+
+    # 1. tf.data.Dataset, 3 workers: exact step accounting, staleness in History.
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(256).batch(32).repeat()
+    history = model.fit(dataset, epochs=2, steps_per_epoch=100, verbose=0,
+                        validation_data=(x, y))
+    h = history.history
+    results["history_keys"] = sorted(h)
+    results["loss"] = h["loss"]
+    results["iterations_after_200"] = int(model.optimizer.iterations.numpy())
+    results["version_after_200"] = strategy.global_version
+    results["tau_sum_history"] = sum(m * 100 for m in h["staleness_mean"])
+    results["staleness_max"] = h["staleness_max"]
+    results["tau_seen"] = int(model.optimizer.tau_seen.numpy())
+    results["read_mismatch"] = int(model.optimizer.read_mismatch.numpy())
+    results["val_accuracy"] = h["val_accuracy"]
+
+    # 2. Placement: weights, optimizer slots and counters on the PS.
+    results["devices"] = sorted({v.value.device for v in model.weights}
+                                | {v.value.device for v in model.optimizer.variables})
+
+    # 3. A dataset function taking an InputContext: one context per worker.
+    seen = []
+
+    def dataset_fn(input_context):
+        seen.append((input_context.num_input_pipelines, input_context.input_pipeline_id))
+        return (tf.data.Dataset.from_tensor_slices((x, y))
+                .shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+                .batch(16))
+
+    model.fit(dataset_fn, epochs=1, steps_per_epoch=60, verbose=0)
+    results["contexts"] = sorted(set(seen))
+    results["iterations_after_260"] = int(model.optimizer.iterations.numpy())
+
+    # 4. NumPy arrays (steps inferred from batch_size), evaluate and predict.
+    history = model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    results["numpy_steps"] = int(model.optimizer.iterations.numpy()) - 260
+    evaluated = model.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
+    predicted = model.predict(x, batch_size=64, verbose=0)
+    reference = _model()
+    reference.set_weights(model.get_weights())
+    probabilities = reference.predict(x, verbose=0)
+    reference_loss = float(np.mean(-np.log(probabilities[np.arange(len(y)), y])))
+    results["evaluate_loss"] = evaluated["loss"]
+    results["reference_loss"] = reference_loss
+    results["evaluate_accuracy"] = evaluated["accuracy"]
+    results["reference_accuracy"] = float(np.mean(probabilities.argmax(1) == y))
+    results["predict_max_diff"] = float(np.abs(predicted - probabilities).max())
+
+    # 5. Metrics aggregate exactly across concurrent workers: with lr = 0 and the
+    # same full batch every step, the epoch mean equals the one-batch loss.
+    model.optimizer.learning_rate.assign(0.0)
+    full = tf.data.Dataset.from_tensor_slices((x, y)).batch(256).repeat()
+    history = model.fit(full, epochs=1, steps_per_epoch=90, verbose=0)
+    results["lr0_fit_loss"] = history.history["loss"][0]
+    results["lr0_fit_accuracy"] = history.history["accuracy"][0]
+    after = model.evaluate(x, y, batch_size=256, verbose=0, return_dict=True)
+    results["lr0_eval_loss"] = after["loss"]
+    results["lr0_eval_accuracy"] = after["accuracy"]
+
+    # 6. Bad input: clear ValueErrors.
+    errors = {}
+
+    def capture(name, fn):
+        try:
+            fn()
+        except ValueError as error:
+            errors[name] = str(error)
+
+    capture("infinite", lambda: model.fit(dataset, epochs=1, verbose=0))
+    capture("fn_no_steps", lambda: model.fit(dataset_fn, epochs=1, verbose=0))
+
+    def generator():
+        for i in range(4):
+            yield x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8]
+
+    from_generator = tf.data.Dataset.from_generator(
+        generator, output_signature=(tf.TensorSpec((None, N_FEATURES)),
+                                     tf.TensorSpec((None,), tf.int32)))
+    capture("generator", lambda: model.fit(from_generator, epochs=1, verbose=0))
+    outside = _model()
+    with strategy.scope():
+        outside.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    capture("outside_scope", lambda: outside.fit(dataset, epochs=1, steps_per_epoch=2,
+                                                 verbose=0))
+    results["errors"] = errors
+    return results
+
+
+@pytest.mark.slow
+def test_fit_evaluate_predict_exact_counting_and_staleness(fresh_process):
+    r = fresh_process(_child_core_fit, timeout=300)
+    assert {"loss", "accuracy", "staleness_mean", "staleness_max",
+            "val_loss", "val_accuracy"} <= set(r["history_keys"])
+    assert all(np.isfinite(r["loss"])) and r["loss"][1] < r["loss"][0]
+    # Exact step accounting with 3 concurrent workers.
+    assert r["iterations_after_200"] == 200
+    assert r["version_after_200"] == 200
+    # τ reached the optimizer through the StepContext, consistent with History.
+    assert r["read_mismatch"] == 0
+    assert r["tau_seen"] == round(r["tau_sum_history"])
+    assert max(r["staleness_max"]) >= 0
+    assert r["val_accuracy"][-1] > 0.7
+    assert all("/job:ps/" in d for d in r["devices"]), r["devices"]
+    assert r["contexts"] == [(3, 0), (3, 1), (3, 2)]
+    assert r["iterations_after_260"] == 260
+    assert r["numpy_steps"] == 4  # 256 samples / batch 64
+    assert r["evaluate_loss"] == pytest.approx(r["reference_loss"], rel=1e-5)
+    assert r["evaluate_accuracy"] == pytest.approx(r["reference_accuracy"])
+    assert r["predict_max_diff"] < 1e-6
+    assert r["lr0_fit_loss"] == pytest.approx(r["lr0_eval_loss"], rel=1e-5)
+    assert r["lr0_fit_accuracy"] == pytest.approx(r["lr0_eval_accuracy"], rel=1e-6)
+    errors = r["errors"]
+    assert "`steps_per_epoch` is required" in errors["infinite"]
+    assert "`steps_per_epoch` is required" in errors["fn_no_steps"]
+    assert "cannot be sent to the parameter-server workers" in errors["generator"]
+    assert "not created under this AsyncParameterServerStrategy" in errors["outside_scope"]
+
+
+# --------------------------------------------------- bounded staleness
+
+
+def _child_ssp(k, steps):
+    x, y = _data(64)
+    keras.utils.set_random_seed(1)
+    reference = _model()
+    initial = reference.get_weights()
+    reference.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss="sparse_categorical_crossentropy")
+    full = tf.data.Dataset.from_tensor_slices((x, y)).batch(64).repeat()
+    reference.fit(full, epochs=1, steps_per_epoch=steps, verbose=0)
+    expected = reference.get_weights()
+
+    strategy = _strategy(workers=3, ps=1, max_staleness=k)
+    with strategy.scope():
+        model = _model()
+        model.set_weights(initial)
+        model.compile(optimizer=TauRecordingSGD(0.1), loss="sparse_categorical_crossentropy")
+    history = model.fit(full, epochs=2, steps_per_epoch=steps // 2, verbose=0)
+    got = model.get_weights()
+    return {
+        "staleness_max": history.history["staleness_max"],
+        "staleness_mean": history.history["staleness_mean"],
+        "iterations": int(model.optimizer.iterations.numpy()),
+        "version": strategy.global_version,
+        "tau_seen": int(model.optimizer.tau_seen.numpy()),
+        "max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(got, expected)),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [0, 2])
+def test_bounded_staleness_guarantees_tau_le_k(fresh_process, k):
+    steps = 240
+    r = fresh_process(_child_ssp, k, steps, timeout=300)
+    assert max(r["staleness_max"]) <= k
+    assert r["iterations"] == steps and r["version"] == steps
+    assert r["tau_seen"] == round(sum(m * steps // 2 for m in r["staleness_mean"]))
+    if k == 0:
+        # Every gradient is computed on the current weights: identical to
+        # sequential (synchronous, one worker) SGD on the same batches.
+        assert r["max_weight_diff"] < 1e-5, r["max_weight_diff"]

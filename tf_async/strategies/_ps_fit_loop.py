@@ -1,0 +1,227 @@
+"""The epoch loop ``model.fit`` runs under ``AsyncParameterServerStrategy``.
+
+Keras 3's own ``fit`` cannot drive a parameter-server cluster (DESIGN.md §3b),
+so this loop replaces only the part that moves data and schedules steps; the
+rest is Keras': ``compile`` (losses, metrics, optimizer), ``CallbackList``
+(progress bar, History, checkpoints, early stopping, TensorBoard,
+BackupAndRestore), ``evaluate`` for validation.
+
+Scheduling never blocks per step: each batch is one
+``ClusterCoordinator.schedule`` call. Logs for callbacks are refreshed from the
+parameter servers every ``log_every_steps`` steps (reading metric variables,
+which does not stall the workers) and exactly at epoch end after
+``coordinator.join()``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_async import _keras_fit
+from tf_async.strategies import _ps_data
+from tf_async.strategies._ps_train_step import PSCounters, TrainStep
+
+
+def _floats(logs: dict) -> dict:
+    out = {}
+    for key, value in logs.items():
+        try:
+            out[key] = float(np.asarray(value))
+        except (TypeError, ValueError):
+            out[key] = value
+    return out
+
+
+def _element_spec(source, strategy):
+    if isinstance(source, tf.data.Dataset):
+        return source.element_spec
+    if _ps_data._takes_input_context(source):
+        dataset = source(
+            tf.distribute.InputContext(
+                num_input_pipelines=strategy.num_workers, input_pipeline_id=0
+            )
+        )
+    else:
+        dataset = source()
+    if not isinstance(dataset, tf.data.Dataset):
+        raise ValueError(
+            "`x`: the dataset function must return a tf.data.Dataset, got "
+            f"{type(dataset).__name__}."
+        )
+    return dataset.element_spec
+
+
+class _FitState:
+    """Per-model objects kept across ``fit`` calls (traced step, counters)."""
+
+    def __init__(self):
+        self.step_function = None
+        self.counters: Optional[PSCounters] = None
+
+
+def run_fit(
+    strategy,
+    model: keras.Model,
+    x=None,
+    y=None,
+    batch_size=None,
+    epochs: int = 1,
+    verbose="auto",
+    callbacks=None,
+    validation_split: float = 0.0,
+    validation_data=None,
+    shuffle: bool = True,
+    class_weight=None,
+    sample_weight=None,
+    initial_epoch: int = 0,
+    steps_per_epoch=None,
+    validation_steps=None,
+    validation_batch_size=None,
+    validation_freq: int = 1,
+):
+    """``model.fit`` on the parameter-server cluster of ``strategy``."""
+    _keras_fit.assert_compile_called(model, "fit")
+    strategy.check_model(model)
+    if class_weight is not None:
+        raise ValueError(
+            "`class_weight` is not supported by AsyncParameterServerStrategy; "
+            "use `sample_weight` in the dataset."
+        )
+    if validation_split:
+        raise ValueError(
+            "`validation_split` is not supported by AsyncParameterServerStrategy; "
+            "pass `validation_data`."
+        )
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise ValueError(f"`epochs` must be an int >= 0, got {epochs!r}.")
+    steps, source = _ps_data.steps_and_source(
+        x, y, sample_weight, batch_size, steps_per_epoch, shuffle
+    )
+    if validation_data is not None:
+        val_x, val_y, val_sample_weight = keras.utils.unpack_x_y_sample_weight(
+            validation_data
+        )
+
+    coordinator = strategy.coordinator
+    with strategy.scope():
+        _keras_fit.symbolic_build(model, _element_spec(source, strategy))
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+    if not model.trainable_variables:
+        raise ValueError("The model has no trainable variables to fit.")
+
+    initial_epoch = _keras_fit.initial_epoch(model, initial_epoch)
+    iterations = model.optimizer.iterations
+    start_version = int(iterations.numpy())
+    total_steps = max(epochs - initial_epoch, 0) * steps
+    counters = PSCounters(strategy, total_steps, start_version)
+    train_step = TrainStep(model, counters, strategy.max_staleness)
+
+    @tf.function
+    def step_function(iterator, step_id):
+        data = next(iterator)
+
+        def train():
+            _keras_fit.run_in_single_replica_context(
+                strategy, train_step.replica_fn, step_id, data
+            )
+            return tf.constant(True)
+
+        # A retried closure whose first attempt completed is skipped.
+        tf.cond(counters.is_done(step_id), lambda: tf.constant(False), train)
+
+    iterator = _ps_data.per_worker_iterator(strategy, coordinator, source)
+
+    if not isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks = keras.callbacks.CallbackList(
+            callbacks,
+            add_history=True,
+            add_progbar=verbose != 0,
+            verbose=verbose,
+            epochs=epochs,
+            steps=steps,
+            model=model,
+        )
+    log_every = strategy.log_every_steps or max(1, steps // 10)
+
+    def read_logs() -> dict:
+        logs = _floats(model.get_metrics_result())
+        logs.update(counters.epoch_stats())
+        return logs
+
+    model.stop_training = False
+    callbacks.on_train_begin()
+    training_logs = None
+    step_id = 0
+    for epoch in range(initial_epoch, epochs):
+        model.reset_metrics()
+        counters.reset_epoch_stats()
+        callbacks.on_epoch_begin(epoch)
+        logs: dict = {}
+        for step in range(steps):
+            callbacks.on_train_batch_begin(step)
+            coordinator.schedule(
+                step_function, args=(iterator, tf.constant(step_id, tf.int64))
+            )
+            step_id += 1
+            if (step + 1) % log_every == 0 and step + 1 < steps:
+                logs = read_logs()
+            callbacks.on_train_batch_end(step, logs)
+            if model.stop_training:
+                break
+        coordinator.join()
+        epoch_logs = read_logs()
+        if validation_data is not None and _keras_fit.should_eval(
+            model, epoch, validation_freq
+        ):
+            val_logs = model.evaluate(
+                x=val_x,
+                y=val_y,
+                sample_weight=val_sample_weight,
+                batch_size=validation_batch_size or batch_size,
+                steps=validation_steps,
+                callbacks=callbacks,
+                return_dict=True,
+            )
+            epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
+        callbacks.on_epoch_end(epoch, epoch_logs)
+        training_logs = epoch_logs
+        if model.stop_training:
+            break
+    coordinator.join()
+    callbacks.on_train_end(logs=training_logs)
+    strategy._last_fit_counters = counters
+    return model.history
+
+
+def run_on_chief(strategy, model, original, *args, **kwargs):
+    """Runs Keras' own ``evaluate``/``predict`` on the coordinator.
+
+    The model's variables stay on the parameter servers and are read remotely;
+    the step is traced under TF's default strategy, so Keras' loop (data
+    adapters, callbacks, progress bar) works unchanged. Training steps in
+    flight are joined first, so results reflect every scheduled step.
+    """
+    strategy.check_model(model)
+    strategy.coordinator.join()
+    saved = {
+        name: getattr(model, name)
+        for name in ("train_function", "test_function", "predict_function")
+    }
+    cached = strategy._chief_functions.setdefault(id(model), {})
+    for name in ("test_function", "predict_function"):
+        setattr(model, name, cached.get(name))
+    _keras_fit.set_model_strategy(model, _keras_fit.default_strategy())
+    try:
+        return original(*args, **kwargs)
+    finally:
+        _keras_fit.set_model_strategy(model, strategy)
+        for name in ("test_function", "predict_function"):
+            cached[name] = getattr(model, name)
+        for name, value in saved.items():
+            setattr(model, name, value)

@@ -1,0 +1,243 @@
+"""The asynchronous parameter-server train step (one scheduled closure = one step).
+
+Per step, on a worker (all state lives on the parameter servers):
+
+1. ``v_read`` ← global version (number of updates applied so far);
+2. one snapshot ``w_read`` of every trainable value (each remote variable is
+   read once), forward + backward pass on that snapshot (Keras
+   ``StatelessScope``), so the gradient is exactly ∇L(w_read);
+3. the step takes a ticket: its position in the global update order;
+4. τ = (updates applied between the read and this apply); τ and ``w_read`` are
+   published through :func:`tf_async.staleness.publish` around
+   ``optimizer.apply`` so compensating optimizers (DC-ASGD, DC-Adam,
+   staleness-scaled) see them;
+5. the version counter is incremented, the step id is marked done.
+
+Fully asynchronous (``max_staleness=None``): the ticket is the atomic
+fetch-and-increment of the version (``ResourceCountUpTo``), τ = ticket − v_read,
+and workers apply concurrently (Hogwild-style, as TF's ParameterServerStrategy).
+
+Bounded staleness (``max_staleness=k``): tickets come from a second counter and
+updates are applied in ticket order (a ticket lock built from two atomic
+counters: a step waits until ``applied == ticket``). At its turn the weights
+hold exactly ``ticket`` updates, so τ = ticket − v_read exactly. A step with
+τ > k is *not dropped*: it recomputes its gradient on the current weights
+(τ = 0, nobody else can apply meanwhile) and applies that. So every applied
+step has τ ≤ k, and k = 0 is sequential (synchronous) SGD.
+
+Exactly-once accounting: each scheduled step carries a step id; a step whose id
+is already marked done (a closure retried by the coordinator after a worker
+failure, whose first attempt did complete on the parameter server) is skipped.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import keras
+import tensorflow as tf
+
+from tf_async import _keras_fit, staleness
+
+_COUNT_LIMIT = 2**62
+
+
+def _deps(values) -> list:
+    """Tensors to wait for (``IndexedSlices`` gradients contribute their values)."""
+    out = []
+    for value in values:
+        if isinstance(value, tf.IndexedSlices):
+            value = value.values
+        if value is not None:
+            out.append(value)
+    return out
+
+
+def _fetch_and_increment(variable: tf.Variable) -> tf.Tensor:
+    """Atomic ``old = v; v += 1; return old`` on an int64 resource variable."""
+    return tf.raw_ops.ResourceCountUpTo(
+        resource=variable.handle, limit=_COUNT_LIMIT, T=tf.int64
+    )
+
+
+class PSCounters:
+    """Step accounting variables on the parameter servers (int64)."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, total_steps: int, start: int):
+        with strategy.scope():
+            self.version = tf.Variable(
+                start, dtype=tf.int64, trainable=False, name="tf_async_version"
+            )
+            with strategy.extended.colocate_vars_with(self.version):
+                self.tickets = tf.Variable(
+                    start, dtype=tf.int64, trainable=False, name="tf_async_tickets"
+                )
+                self.tau_sum = tf.Variable(
+                    0, dtype=tf.int64, trainable=False, name="tf_async_tau_sum"
+                )
+                self.tau_max = tf.Variable(
+                    [0], dtype=tf.int64, trainable=False, name="tf_async_tau_max"
+                )
+                self.steps = tf.Variable(
+                    0, dtype=tf.int64, trainable=False, name="tf_async_steps"
+                )
+                self.done = tf.Variable(
+                    tf.zeros([max(total_steps, 1)], tf.int8),
+                    trainable=False,
+                    name="tf_async_done",
+                )
+
+    def is_done(self, step_id) -> tf.Tensor:
+        return tf.gather(self.done, step_id) > 0
+
+    def reset_epoch_stats(self) -> None:
+        self.tau_sum.assign(0)
+        self.tau_max.assign([0])
+        self.steps.assign(0)
+
+    def epoch_stats(self) -> dict:
+        steps = int(self.steps.numpy())
+        return {
+            "staleness_mean": float(self.tau_sum.numpy()) / max(steps, 1),
+            "staleness_max": float(self.tau_max.numpy()[0]),
+        }
+
+
+class TrainStep:
+    """Builds the per-step replica function for one compiled Keras model."""
+
+    def __init__(self, model: keras.Model, counters: PSCounters, max_staleness: Optional[int]):
+        self.model = model
+        self.counters = counters
+        self.max_staleness = max_staleness
+        self._updated_non_trainable: Optional[List[int]] = None
+
+    # -- forward/backward on a snapshot ---------------------------------------
+    def _forward_backward(self, values, x, y, sample_weight):
+        model = self.model
+        trainable = model.trainable_variables
+        non_trainable = model.non_trainable_variables
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            with keras.StatelessScope(state_mapping=list(zip(trainable, values))) as scope:
+                if _keras_fit.call_has_training_arg(model):
+                    y_pred = model(x, training=True)
+                else:
+                    y_pred = model(x)
+                loss = _keras_fit.compute_loss(model, x, y, y_pred, sample_weight)
+                scaled = model.optimizer.scale_loss(loss) if model.optimizer else loss
+        gradients = tape.gradient(scaled, values)
+        new_non_trainable = [scope.get_current_value(v) for v in non_trainable]
+        if self._updated_non_trainable is None:
+            self._updated_non_trainable = [
+                i for i, value in enumerate(new_non_trainable) if value is not None
+            ]
+        updates = [new_non_trainable[i] for i in self._updated_non_trainable]
+        return list(gradients), y_pred, loss, updates
+
+    @staticmethod
+    def _snapshot(variables) -> List[tf.Tensor]:
+        return [tf.identity(v.value) for v in variables]
+
+    def _apply(self, gradients, values, tau) -> tf.Operation:
+        """``optimizer.apply`` inside the StepContext; returns a group of its ops.
+
+        Automatic control dependencies order only ops on the same resource, so
+        the group is what later counter updates wait for.
+        """
+        model = self.model
+        trainable = model.trainable_variables
+        graph = tf.compat.v1.get_default_graph()
+        first = len(graph.get_operations())
+        with staleness.publish(tau, trainable, values):
+            model.optimizer.apply(gradients, trainable)
+        created = graph.get_operations()[first:]
+        return tf.group(*created) if created else tf.no_op()
+
+    # -- the replica function ---------------------------------------------------
+    def replica_fn(self, step_id, data):
+        counters = self.counters
+        model = self.model
+
+        def run():
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            v_read = counters.version.read_value()
+            with tf.control_dependencies([v_read]):
+                values = self._snapshot(model.trainable_variables)
+            gradients, y_pred, loss, updates = self._forward_backward(
+                values, x, y, sample_weight
+            )
+            if self.max_staleness is None:
+                with tf.control_dependencies(_deps(gradients)):
+                    ticket = _fetch_and_increment(counters.version)
+                tau = ticket - v_read
+                with tf.control_dependencies([ticket]):
+                    applied = self._apply(gradients, values, tau)
+            else:
+                applied, y_pred, loss, updates, tau = self._bounded_apply(
+                    v_read, gradients, values, y_pred, loss, updates, x, y, sample_weight
+                )
+            finished = [applied, tau]
+            with tf.control_dependencies(finished):
+                for index, value in zip(self._updated_non_trainable, updates):
+                    model.non_trainable_variables[index].assign(value)
+                self._record(step_id, tau)
+                self._update_metrics(x, y, y_pred, loss, sample_weight)
+
+        run()
+
+    def _bounded_apply(self, v_read, gradients, values, y_pred, loss, updates, x, y, sw):
+        counters = self.counters
+        model = self.model
+        with tf.control_dependencies(_deps(gradients)):
+            ticket = _fetch_and_increment(counters.tickets)
+
+        # Ticket lock: wait for our turn in the global update order (the
+        # version read is a loop variable, so what follows depends on its data).
+        with tf.control_dependencies([ticket]):
+            first_seen = counters.version.read_value()
+        _, seen = tf.while_loop(
+            lambda i, seen: seen < ticket,
+            lambda i, seen: (i + 1, counters.version.read_value()),
+            [tf.constant(0, tf.int64), first_seen],
+            parallel_iterations=1,
+        )
+        tau_read = seen - v_read  # seen == ticket: updates applied since the read
+
+        def fresh():
+            fresh_values = self._snapshot(model.trainable_variables)
+            g, p, l, u = self._forward_backward(fresh_values, x, y, sw)
+            return g, fresh_values, p, l, u, tf.constant(0, tf.int64)
+
+        def stale():
+            return gradients, values, y_pred, loss, updates, tau_read
+
+        result = tf.cond(tau_read > self.max_staleness, fresh, stale)
+        gradients, values, y_pred, loss, updates, tau = result
+        applied = self._apply(list(gradients), list(values), tau)
+        return applied, y_pred, loss, list(updates), tau
+
+    def _record(self, step_id, tau):
+        counters = self.counters
+        counters.tau_sum.assign_add(tau)
+        tf.raw_ops.ResourceScatterMax(
+            resource=counters.tau_max.handle,
+            indices=tf.constant([0], tf.int32),
+            updates=tf.reshape(tau, [1]),
+        )
+        counters.steps.assign_add(tf.constant(1, tf.int64))
+        tf.raw_ops.ResourceScatterUpdate(
+            resource=counters.done.handle,
+            indices=tf.reshape(tf.cast(step_id, tf.int64), [1]),
+            updates=tf.constant([1], tf.int8),
+        )
+        if self.max_staleness is not None:
+            counters.version.assign_add(tf.constant(1, tf.int64))
+
+    def _update_metrics(self, x, y, y_pred, loss, sample_weight):
+        model = self.model
+        batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+        _keras_fit.loss_tracker(model).update_state(loss, sample_weight=batch)
+        metrics = _keras_fit.compile_metrics(model)
+        if metrics is not None:
+            metrics.update_state(y, y_pred, sample_weight=sample_weight)

@@ -1,0 +1,160 @@
+"""AsyncParameterServerStrategy: asynchronous parameter-server training with
+Keras 3 ``model.fit``, staleness measured per step and optionally bounded.
+
+Variables (and optimizer slots, colocated by Keras' TF optimizer) live on the
+parameter servers; every batch is one step scheduled on whichever worker is
+free (``ClusterCoordinator.schedule``), so a slow worker does not hold the
+others back. TF's gRPC runtime does all communication.
+
+Per step τ = number of updates other workers applied between this step's read
+of the weights and its apply (Recht et al. 2011 "Hogwild!"; Ho et al. 2013
+"More effective distributed ML via a stale synchronous parameter server" for
+the bound). τ and the weights read are published to the optimizer through
+:mod:`tf_async.staleness`, and ``staleness_mean`` / ``staleness_max`` per epoch
+go to History, the progress bar and TensorBoard. See ``_ps_train_step`` for
+the step and the bounded-staleness (SSP) protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tensorflow as tf
+
+from tf_async import _keras_fit
+from tf_async.strategies import _ps_fit_loop
+
+__all__ = ["AsyncParameterServerStrategy"]
+
+
+def _check_max_staleness(max_staleness) -> Optional[int]:
+    if max_staleness is None:
+        return None
+    if isinstance(max_staleness, bool) or not isinstance(max_staleness, int):
+        raise TypeError(
+            f"`max_staleness` must be None or an int >= 0, got {max_staleness!r}."
+        )
+    if max_staleness < 0:
+        raise ValueError(
+            f"`max_staleness` must be None (fully asynchronous) or an int >= 0, "
+            f"got {max_staleness}."
+        )
+    return max_staleness
+
+
+def _check_cluster(cluster_resolver) -> int:
+    if cluster_resolver is None:
+        raise ValueError(
+            "`cluster_resolver` is required, e.g. tf_async.local_cluster(workers=2, "
+            "ps=1) or tf.distribute.cluster_resolver.TFConfigClusterResolver()."
+        )
+    jobs = cluster_resolver.cluster_spec().as_dict()
+    for job in ("worker", "ps"):
+        if not jobs.get(job):
+            raise ValueError(
+                f"`cluster_resolver`: AsyncParameterServerStrategy needs at least "
+                f"one '{job}' task; the cluster has jobs {sorted(jobs)} "
+                f"({ {k: len(v) for k, v in jobs.items()} })."
+            )
+    return len(jobs["worker"])
+
+
+class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStrategy):
+    """Parameter-server strategy whose ``model.fit`` trains asynchronously.
+
+    Usage (plain Keras, no subclassing)::
+
+        strategy = AsyncParameterServerStrategy(tf_async.local_cluster(2, 1))
+        with strategy.scope():
+            model = make_model()
+            model.compile(optimizer="adam", loss=..., metrics=["accuracy"])
+        model.fit(dataset_or_fn, epochs=3, steps_per_epoch=100)
+
+    Args:
+      cluster_resolver: resolver of a cluster with >= 1 ``worker`` and >= 1
+        ``ps`` task (this process is the coordinator/chief).
+      max_staleness: ``None`` — fully asynchronous; ``k >= 0`` — every applied
+        step has τ ≤ k (a step that would be staler recomputes its gradient on
+        the current weights; none is dropped). ``0`` is sequential SGD.
+      variable_partitioner: as in ``ParameterServerStrategy``, shards large
+        variables (and their optimizer slots) across ps tasks, e.g.
+        ``tf.distribute.experimental.partitioners.MinSizePartitioner``.
+      log_every_steps: refresh the logs callbacks see every this many steps
+        (default: 10 times per epoch); epoch-end logs are always exact.
+
+    Raises:
+      ValueError: ``max_staleness < 0``; a cluster without ps or workers.
+    """
+
+    def __init__(
+        self,
+        cluster_resolver,
+        max_staleness: Optional[int] = None,
+        variable_partitioner=None,
+        log_every_steps: Optional[int] = None,
+    ):
+        self._max_staleness = _check_max_staleness(max_staleness)
+        if log_every_steps is not None and (
+            isinstance(log_every_steps, bool)
+            or not isinstance(log_every_steps, int)
+            or log_every_steps < 1
+        ):
+            raise ValueError(
+                f"`log_every_steps` must be None or an int >= 1, got {log_every_steps!r}."
+            )
+        self._log_every_steps = log_every_steps
+        self._num_workers = _check_cluster(cluster_resolver)
+        super().__init__(cluster_resolver, variable_partitioner=variable_partitioner)
+        self._coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(
+            self
+        )
+        self._chief_functions: dict = {}
+        self._last_fit_counters = None
+        _keras_fit.install_trainer_dispatch()
+        _keras_fit.install_atomic_assign_add()
+
+    @property
+    def coordinator(self) -> tf.distribute.experimental.coordinator.ClusterCoordinator:
+        """The ``ClusterCoordinator`` this strategy schedules steps with."""
+        return self._coordinator
+
+    @property
+    def max_staleness(self) -> Optional[int]:
+        return self._max_staleness
+
+    @property
+    def num_workers(self) -> int:
+        return self._num_workers
+
+    @property
+    def log_every_steps(self) -> Optional[int]:
+        return self._log_every_steps
+
+    @property
+    def global_version(self) -> Optional[int]:
+        """Updates applied to the model in the last ``fit`` (the atomic version
+        counter on the parameter servers), or ``None`` before any fit."""
+        if self._last_fit_counters is None:
+            return None
+        self._coordinator.join()
+        return int(self._last_fit_counters.version.numpy())
+
+    def check_model(self, model) -> None:
+        """ValueError unless ``model`` was created in this strategy's scope."""
+        if _keras_fit.model_strategy(model) is not self:
+            raise ValueError(
+                "The model was not created under this AsyncParameterServerStrategy's "
+                "scope(): build and compile it inside `with strategy.scope():` so "
+                "its variables live on the parameter servers."
+            )
+
+    # -- model.fit / evaluate / predict hooks (see tf_async/_keras_fit.py) -------
+    def _tf_async_fit(self, model, original, *args, **kwargs):
+        del original  # Keras 3's fit cannot schedule on a PS cluster.
+        return _ps_fit_loop.run_fit(self, model, *args, **kwargs)
+
+    def _tf_async_evaluate(self, model, original, *args, **kwargs):
+        return _ps_fit_loop.run_on_chief(self, model, original, *args, **kwargs)
+
+    def _tf_async_predict(self, model, original, *args, **kwargs):
+        return _ps_fit_loop.run_on_chief(self, model, original, *args, **kwargs)
