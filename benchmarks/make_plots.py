@@ -1,0 +1,157 @@
+"""Generates the user guide's plots (PNG, matplotlib) into docs/images/.
+
+1. ``loss_vs_step.png`` — training loss vs step on real handwritten digits
+   (scikit-learn's bundled set) for synchronous SGD-momentum, simulated
+   asynchronous SGD-momentum with M = 16 workers (τ = 15, the deterministic
+   ``SimulatedAsyncStrategy``) and the same with DC-ASGD compensation
+   (``DCSGD``, adaptive λ), plus Adam vs DCAdam at M = 16.
+2. ``straggler_throughput.png`` — steps/s of asynchronous ``model.fit``, the raw
+   ClusterCoordinator hand loop and bulk-synchronous rounds with one 4x-slow
+   worker, from ``benchmarks/straggler.py --quick`` run in a subprocess.
+
+    python benchmarks/make_plots.py            # both plots
+    python benchmarks/make_plots.py --only loss
+
+Final line: ``plots_written: N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "examples"))
+OUT = os.path.join(REPO, "docs", "images")
+
+# Same base learning rates as benchmarks/staleness_quality.py.
+SGD_LR, MOMENTUM, ADAM_LR = 0.005, 0.9, 1e-3
+
+
+def _loss_curve(kind: str, workers: int, steps: int, every: int, lam: float = 0.0):
+    import keras
+    import tensorflow as tf
+
+    import _data
+    from tf_async.keras_optimizers import DCSGD, DCAdam
+    from tf_async.strategies import SimulatedAsyncStrategy
+
+    x_train, y_train, _, _, _ = _data.load_digits()
+    keras.utils.set_random_seed(0)
+    strategy = (SimulatedAsyncStrategy(workers, "round_robin") if workers > 1
+                else tf.distribute.OneDeviceStrategy("/cpu:0"))
+    optimizers = {
+        "sgdm": lambda: keras.optimizers.SGD(SGD_LR, momentum=MOMENTUM),
+        "dcsgd": lambda: DCSGD(SGD_LR, momentum=MOMENTUM, lambda_=lam, adaptive=True),
+        "adam": lambda: keras.optimizers.Adam(ADAM_LR),
+        "dcadam": lambda: DCAdam(ADAM_LR, lambda_=lam),
+    }
+    with strategy.scope():
+        model = keras.Sequential([
+            keras.Input((x_train.shape[1],)),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ])
+        model.compile(optimizer=optimizers[kind](), loss="sparse_categorical_crossentropy")
+    dataset = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
+               .shuffle(len(x_train), seed=0).repeat().batch(32))
+    losses = []
+
+    class PerStepLoss(keras.callbacks.Callback):
+        """Keras logs a running epoch mean; one-step epochs make it per-window."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            losses.append(float(logs["loss"]))
+
+    model.fit(dataset, epochs=steps // every, steps_per_epoch=every, verbose=0,
+              callbacks=[PerStepLoss()])
+    return [every * (i + 1) for i in range(len(losses))], losses
+
+
+def plot_loss(steps: int) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    every = 10
+    runs = [
+        ("sync SGD-momentum", "sgdm", 1, 0.0, "black", "-"),
+        ("async M=16 SGD-momentum", "sgdm", 16, 0.0, "tab:red", "-"),
+        ("async M=16 DCSGD (adaptive, λ0=2)", "dcsgd", 16, 2.0, "tab:green", "-"),
+        ("async M=16 Adam", "adam", 16, 0.0, "tab:blue", "--"),
+        ("async M=16 DCAdam (λ=1)", "dcadam", 16, 1.0, "tab:purple", ":"),
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, kind, workers, lam, color, style in runs:
+        x, y = _loss_curve(kind, workers, steps, every, lam)
+        ax.plot(x, y, style, color=color, label=label)
+        print(f"{label}: final windowed loss {y[-1]:.4f}", flush=True)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss (mean over {every}-step windows)")
+    ax.set_yscale("log")
+    ax.set_title("Digits MLP: staleness τ = 15 (simulated 16 workers) and compensation")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(OUT, "loss_vs_step.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_straggler() -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    output = subprocess.run(
+        [sys.executable, os.path.join(HERE, "straggler.py"), "--quick"],
+        capture_output=True, text=True, env=env, timeout=900, check=True,
+    ).stdout
+    rates = {}
+    for name, values in re.findall(r"^(\w+)_steps_per_s: (.*)$", output, re.M):
+        numbers = [float(v) for v in values.split()]
+        rates[name] = max(numbers)
+    if not rates:
+        raise RuntimeError(f"straggler.py printed no *_steps_per_s lines:\n{output}")
+    print(output.strip().splitlines()[-1], flush=True)
+    labels = {"fit": "async model.fit\n(tf_async)", "hand_loop": "raw coordinator\nhand loop",
+              "sync": "bulk-synchronous\nrounds"}
+    names = [n for n in ("fit", "hand_loop", "sync") if n in rates]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    bars = ax.bar([labels[n] for n in names], [rates[n] for n in names],
+                  color=["tab:green", "tab:gray", "tab:red"][: len(names)])
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_ylabel("steps / s (best of repeats)")
+    ax.set_title("4 workers + 1 PS, one worker 4x slower (local cluster, 2 cores)")
+    fig.tight_layout()
+    path = os.path.join(OUT, "straggler_throughput.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["loss", "straggler"], default=None)
+    parser.add_argument("--steps", type=int, default=600, help="steps per loss curve")
+    args = parser.parse_args()
+    os.makedirs(OUT, exist_ok=True)
+    written = []
+    if args.only in (None, "loss"):
+        written.append(plot_loss(args.steps))
+    if args.only in (None, "straggler"):
+        written.append(plot_straggler())
+    for path in written:
+        print(f"wrote {os.path.relpath(path, REPO)}")
+    print(f"plots_written: {len(written)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Datasets for the examples, with offline fallbacks.
+
+tensorflow_datasets needs the network to download MNIST/CIFAR-10 the first time
+(or a prepared ``--data_dir``). When that fails the examples say so and use:
+
+* ``digits``: scikit-learn's bundled 1797 real 8x8 handwritten digits.
+* ``synthetic_cifar10``: random 32x32x3 images with labels from a fixed random
+  linear teacher — clearly synthetic, printed as such, but learnable, so a
+  training run still shows a falling loss.
+
+Every loader returns ``(x_train, y_train, x_test, y_test, name)`` as NumPy arrays
+(float32 images in [0, 1], int32 labels).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+Arrays = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]
+
+
+def load_digits(flatten: bool = True) -> Arrays:
+    """scikit-learn's handwritten digits, 80/20 split, scaled to [0, 1]."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    data = sk_load_digits()
+    x = (data.data / 16.0).astype("float32")
+    if not flatten:
+        x = x.reshape(-1, 8, 8, 1)
+    y = data.target.astype("int32")
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], y[order]
+    split = int(0.8 * len(x))
+    return x[:split], y[:split], x[split:], y[split:], "digits"
+
+
+def _load_tfds(name: str, data_dir: Optional[str]):
+    import tensorflow_datasets as tfds
+
+    splits = []
+    for split in ("train", "test"):
+        images, labels = tfds.as_numpy(
+            tfds.load(name, split=split, batch_size=-1, as_supervised=True,
+                      data_dir=data_dir, download=True)
+        )
+        splits.append((images.astype("float32") / 255.0, labels.astype("int32")))
+    (x_train, y_train), (x_test, y_test) = splits
+    return x_train, y_train, x_test, y_test
+
+
+def _explain_fallback(name: str, error: Exception, fallback: str) -> None:
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    print(
+        f"Could not load {name} with tensorflow_datasets "
+        f"({type(error).__name__}: {first_line}). Using {fallback} instead "
+        "(no network here? pass --data_dir with a prepared copy)."
+    )
+
+
+def load_mnist(data_dir: Optional[str] = None) -> Arrays:
+    """MNIST (flattened 784 floats); falls back to ``digits`` when offline."""
+    try:
+        x_train, y_train, x_test, y_test = _load_tfds("mnist", data_dir)
+    except Exception as error:  # noqa: BLE001 - any download/prepare failure
+        _explain_fallback("MNIST", error, "--dataset=digits (scikit-learn handwritten digits)")
+        return load_digits()
+    flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
+    return flat(x_train), y_train, flat(x_test), y_test, "mnist"
+
+
+def synthetic_cifar10(train: int = 2048, test: int = 512, seed: int = 0) -> Arrays:
+    """SYNTHETIC 32x32x3 images; labels from a fixed random linear teacher."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((train + test, 32, 32, 3), dtype=np.float32)
+    teacher = rng.normal(size=(32 * 32 * 3, 10)).astype("float32")
+    y = np.argmax(x.reshape(len(x), -1) @ teacher, axis=1).astype("int32")
+    return x[:train], y[:train], x[train:], y[train:], "synthetic_cifar10"
+
+
+def load_cifar10(data_dir: Optional[str] = None) -> Arrays:
+    """CIFAR-10; falls back to clearly-labelled synthetic data when offline."""
+    try:
+        x_train, y_train, x_test, y_test = _load_tfds("cifar10", data_dir)
+    except Exception as error:  # noqa: BLE001
+        _explain_fallback("CIFAR-10", error, "SYNTHETIC data (--dataset=synthetic)")
+        return synthetic_cifar10()
+    return x_train, y_train, x_test, y_test, "cifar10"
