@@ -51,13 +51,15 @@ class TauRecorder(keras.optimizers.SGD):
             self.assign(self.taus, tf.tensor_scatter_nd_update(self.taus, index, tau))
 
 
-def _fit(strategy, make_optimizer, jit_compile=False, epochs=1, model_fn=None):
+def _fit(strategy, make_optimizer, jit_compile=False, epochs=1, model_fn=None,
+         steps_per_execution=1):
     x, y = _linear_data()
     keras.utils.set_random_seed(3)
     with strategy.scope():
         model = (model_fn or (lambda: _linear_model(_init())))()
         optimizer = make_optimizer()
-        model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
+        model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile,
+                      steps_per_execution=steps_per_execution)
     history = model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0)
     return model, optimizer, history
 
@@ -81,10 +83,12 @@ def _np_reference(taus, lam=0.0, factor=lambda tau: 1.0):
     return w, b
 
 
-@pytest.mark.parametrize("workers,jit", [(3, False), (4, True)])
-def test_round_robin_gradient_at_weights_tau_updates_ago(workers, jit):
+@pytest.mark.parametrize("workers,jit,steps_per_execution", [(3, False, 1), (4, True, 1),
+                                                             (3, False, 4)])
+def test_round_robin_gradient_at_weights_tau_updates_ago(workers, jit, steps_per_execution):
     strategy = SimulatedAsyncStrategy(workers, "round_robin")
-    model, optimizer, history = _fit(strategy, lambda: TauRecorder(LR), jit_compile=jit)
+    model, optimizer, history = _fit(strategy, lambda: TauRecorder(LR), jit_compile=jit,
+                                     steps_per_execution=steps_per_execution)
     taus = [min(workers - 1, t) for t in range(STEPS)]
     np.testing.assert_array_equal(optimizer.taus.numpy()[:STEPS], taus)
     w, b = _np_reference(taus)
