@@ -89,7 +89,11 @@ def test_equals_stock_optimizer_eager_apply(case):
 
 @pytest.mark.parametrize("case", ["sgd_nesterov", "sgd_momentum_adaptive", "adam", "adamw"])
 def test_equals_stock_optimizer_fit_mirrored(case, logical_devices):
-    strategy = tf.distribute.MirroredStrategy(logical_devices)
+    # ReductionToOneDevice: each new MirroredStrategy restarts TF's collective
+    # instance keys, so collective all-reduces of differently shaped gradients
+    # in one pytest process collide ("Shape mismatch in the collective").
+    strategy = tf.distribute.MirroredStrategy(
+        logical_devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
     assert strategy.num_replicas_in_sync == 4
     plugin_factory, stock_factory = EQUAL_CASES[case]
     plugin_weights, plugin = _fit_weights(plugin_factory, strategy)

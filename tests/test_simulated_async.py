@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tf_async import staleness
-from tf_async.keras_optimizers import DCSGD
+from tf_async.keras_optimizers import DCSGD, StalenessScaled
 from tf_async.strategies import SimulatedAsyncStrategy
 
 BATCH = 4
@@ -51,19 +51,22 @@ class TauRecorder(keras.optimizers.SGD):
             self.assign(self.taus, tf.tensor_scatter_nd_update(self.taus, index, tau))
 
 
-def _fit(strategy, make_optimizer, jit_compile=False, epochs=1, model_fn=None):
+def _fit(strategy, make_optimizer, jit_compile=False, epochs=1, model_fn=None,
+         steps_per_execution=1):
     x, y = _linear_data()
     keras.utils.set_random_seed(3)
     with strategy.scope():
         model = (model_fn or (lambda: _linear_model(_init())))()
         optimizer = make_optimizer()
-        model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
+        model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile,
+                      steps_per_execution=steps_per_execution)
     history = model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0)
     return model, optimizer, history
 
 
-def _np_reference(taus, lam=0.0):
-    """Async SGD (optionally DC-ASGD) on the linear model with MSE."""
+def _np_reference(taus, lam=0.0, factor=lambda tau: 1.0):
+    """Async SGD (optionally DC-ASGD, step scaled by factor(τ)) on the linear
+    model with MSE."""
     x, y = _linear_data()
     w, b = [v.astype(np.float64) for v in _init()]
     history = [(w.copy(), b.copy())]
@@ -75,15 +78,17 @@ def _np_reference(taus, lam=0.0):
         gw, gb = scale * xb.T @ err, scale * err.sum(0)
         gw = gw + lam * gw * gw * (w - w_read)
         gb = gb + lam * gb * gb * (b - b_read)
-        w, b = w - LR * gw, b - LR * gb
+        w, b = w - factor(tau) * LR * gw, b - factor(tau) * LR * gb
         history.append((w.copy(), b.copy()))
     return w, b
 
 
-@pytest.mark.parametrize("workers,jit", [(3, False), (4, True)])
-def test_round_robin_gradient_at_weights_tau_updates_ago(workers, jit):
+@pytest.mark.parametrize("workers,jit,steps_per_execution", [(3, False, 1), (4, True, 1),
+                                                             (3, False, 4)])
+def test_round_robin_gradient_at_weights_tau_updates_ago(workers, jit, steps_per_execution):
     strategy = SimulatedAsyncStrategy(workers, "round_robin")
-    model, optimizer, history = _fit(strategy, lambda: TauRecorder(LR), jit_compile=jit)
+    model, optimizer, history = _fit(strategy, lambda: TauRecorder(LR), jit_compile=jit,
+                                     steps_per_execution=steps_per_execution)
     taus = [min(workers - 1, t) for t in range(STEPS)]
     np.testing.assert_array_equal(optimizer.taus.numpy()[:STEPS], taus)
     w, b = _np_reference(taus)
@@ -105,6 +110,48 @@ def test_dc_optimizer_compensates_with_published_stale_weights():
     np.testing.assert_allclose(model.get_weights()[1], b, rtol=1e-5, atol=1e-6)
     w_plain, _ = _np_reference(taus)
     assert np.abs(w - w_plain).max() > 1e-4
+
+
+def test_staleness_scaled_sgd_steps_by_inverse_tau():
+    strategy = SimulatedAsyncStrategy(4)
+    model, _, _ = _fit(strategy, lambda: StalenessScaled(keras.optimizers.SGD(LR), "inverse"))
+    taus = [min(3, t) for t in range(STEPS)]
+    w, b = _np_reference(taus, factor=lambda tau: 1.0 / max(1, tau))
+    np.testing.assert_allclose(model.get_weights()[0], w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.get_weights()[1], b, rtol=1e-5, atol=1e-6)
+
+
+class ApplyModel(keras.Model):
+    """A custom train_step that calls optimizer.apply (not apply_gradients)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply(grads, self.trainable_variables)
+        return {"loss": loss}
+
+
+def test_custom_train_step_calling_apply_is_simulated_too():
+    def make():
+        model = ApplyModel()
+        model(np.zeros((1, 3), np.float32))
+        model.set_weights(_init())
+        return model
+
+    model, _, history = _fit(SimulatedAsyncStrategy(3), lambda: keras.optimizers.SGD(LR),
+                             model_fn=make)
+    w, b = _np_reference([min(2, t) for t in range(STEPS)])
+    np.testing.assert_allclose(model.get_weights()[0], w, rtol=1e-5, atol=1e-6)
+    assert history.history["staleness_max"] == [2.0]
 
 
 def _mlp():

@@ -65,7 +65,11 @@ def test_equals_inner_eager_without_context(policy):
 
 @pytest.mark.parametrize("inner", ["sgd_nesterov", "adamw"])
 def test_equals_inner_fit_mirrored(inner, logical_devices):
-    strategy = tf.distribute.MirroredStrategy(logical_devices)
+    # ReductionToOneDevice: each new MirroredStrategy restarts TF's collective
+    # instance keys, so collective all-reduces of differently shaped gradients
+    # in one pytest process collide ("Shape mismatch in the collective").
+    strategy = tf.distribute.MirroredStrategy(
+        logical_devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
     wrapped, _ = _fit(lambda: StalenessScaled(INNERS[inner](), "inverse"), strategy)
     plain, _ = _fit(INNERS[inner], strategy)
     for a, b in zip(wrapped, plain):

@@ -56,11 +56,14 @@ def variable_key(variable) -> int:
 #   ``strategy.run`` (``_make_function``) and ``train_step`` applies with
 #   ``self.optimizer.apply_gradients(...)`` after ``tape.gradient``. The
 #   simulator recognises that call and, while tracing it, wraps the
-#   optimizer's ``apply_gradients`` on the instance (removed afterwards).
+#   optimizer's ``apply_gradients`` and ``apply`` on the instance (removed
+#   afterwards), so the live weights are back before any optimizer code.
 
 DISTRIBUTED_UPDATE_STEP_METHOD = "_distributed_tf_update_step"
 TRAIN_STEP_NAME = "train_step"
 APPLY_GRADIENTS_NAME = "apply_gradients"
+# Wrapped by the simulator (a custom train_step may call either).
+OPTIMIZER_APPLY_NAMES = (APPLY_GRADIENTS_NAME, "apply")
 
 
 def raw_variable(variable):

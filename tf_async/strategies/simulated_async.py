@@ -17,8 +17,8 @@ the step with
 1. ring[t mod K] ← w (K = max_staleness + 1 snapshot slots per variable; one
    ``[K, *shape]`` ``tf.Variable`` each, created once, never grown);
 2. w ← ring[(t − τ) mod K] for the forward and backward pass;
-3. inside ``optimizer.apply_gradients`` (wrapped on the instance while the
-   step is traced): w ← live value, then the optimizer applies under
+3. inside ``optimizer.apply_gradients`` / ``apply`` (wrapped on the instance
+   while the step is traced): w ← live value, then the optimizer applies under
    ``tf_async.staleness.publish(τ, w, w_read)``, so delay-compensating
    optimizers see τ and the weights the gradient was computed at.
 
@@ -166,13 +166,13 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
             slots = tf.constant(state.slots, tf.int64)
             live_slot = tf.math.floormod(step, slots)
             stale_slot = tf.math.floormod(step - tau, slots)
-            live, stale = [], []
+            live, stale_values = [], []
             for variable, ring in zip(state.variables, state.rings):
                 value = variable.read_value()
                 ring.scatter_update(tf.IndexedSlices(value[None], live_slot[None]))
                 live.append(value)
-                stale.append(tf.gather(ring, stale_slot))
-            for variable, value in zip(state.variables, stale):
+                stale_values.append(tf.gather(ring, stale_slot))
+            for variable, value in zip(state.variables, stale_values):
                 variable.assign(value)
 
             restored = []
@@ -184,19 +184,30 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
                     restored.append(True)
 
             optimizer = model.optimizer
-            apply_gradients = optimizer.apply_gradients
+            publishing = []
 
-            def stale_apply_gradients(grads_and_vars):
-                restore()
-                with staleness.publish(tau, keras_variables, stale):
-                    return apply_gradients(grads_and_vars)
+            def stale(method):
+                def wrapper(*method_args, **method_kwargs):
+                    if publishing:  # apply_gradients -> apply: publish once
+                        return method(*method_args, **method_kwargs)
+                    restore()
+                    publishing.append(True)
+                    try:
+                        with staleness.publish(tau, keras_variables, stale_values):
+                            return method(*method_args, **method_kwargs)
+                    finally:
+                        publishing.pop()
 
-            name = _keras_fit.APPLY_GRADIENTS_NAME
-            vars(optimizer)[name] = stale_apply_gradients
+                return wrapper
+
+            names = _keras_fit.OPTIMIZER_APPLY_NAMES
+            for name in names:
+                vars(optimizer)[name] = stale(getattr(optimizer, name))
             try:
                 logs = train_step(*args, **kwargs)
             finally:
-                vars(optimizer).pop(name, None)
+                for name in names:
+                    vars(optimizer).pop(name, None)
             restore()
 
             state.step.assign_add(1)
