@@ -143,10 +143,8 @@ def run_fit(
     if not model.trainable_variables:
         raise ValueError("The model has no trainable variables to fit.")
 
-    initial_epoch = _keras_fit.initial_epoch(model, initial_epoch)
     state = strategy._fit_state(model)
     counters = state.counters
-    counters.start(int(model.optimizer.iterations.numpy()))
     iterator = state.iterator_for(strategy, source)
 
     if not isinstance(callbacks, keras.callbacks.CallbackList):
@@ -169,7 +167,9 @@ def run_fit(
         return logs
 
     model.stop_training = False
-    callbacks.on_train_begin()
+    callbacks.on_train_begin()  # BackupAndRestore may restore weights here
+    initial_epoch = _keras_fit.initial_epoch(model, initial_epoch)
+    counters.start(int(model.optimizer.iterations.numpy()))
     training_logs = None
     for epoch in range(initial_epoch, epochs):
         model.reset_metrics()

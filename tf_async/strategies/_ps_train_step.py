@@ -153,7 +153,9 @@ class TrainStep:
 
     @staticmethod
     def _snapshot(variables) -> List[tf.Tensor]:
-        return [tf.identity(v.value) for v in variables]
+        # convert_to_tensor reads each variable once (a sharded variable: each
+        # shard once, concatenated).
+        return [tf.convert_to_tensor(v.value) for v in variables]
 
     def _apply(self, gradients, values, tau) -> tf.Operation:
         """``optimizer.apply`` inside the StepContext; returns a group of its ops.

@@ -113,6 +113,8 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         self._last_fit_model = None
         _keras_fit.install_trainer_dispatch()
         _keras_fit.install_atomic_assign_add()
+        if variable_partitioner is not None:
+            _keras_fit.allow_sharded_variable_updates(self)
 
     @property
     def coordinator(self) -> tf.distribute.experimental.coordinator.ClusterCoordinator:
