@@ -259,3 +259,144 @@ def test_bounded_staleness_guarantees_tau_le_k(fresh_process, k):
         # Every gradient is computed on the current weights: identical to
         # sequential (synchronous, one worker) SGD on the same batches.
         assert r["max_weight_diff"] < 1e-5, r["max_weight_diff"]
+
+
+# ------------------------- callbacks + variable partitioner (2 PS, one child)
+
+
+class _InterruptAfterEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("simulated interruption")
+
+
+def _child_callbacks_and_partitioner(tmp):
+    import os
+
+    partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
+        min_shard_bytes=256, max_shards=2)
+    strategy = _strategy(workers=2, ps=2, variable_partitioner=partitioner)
+    x, y = _data()
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(256).batch(32).repeat()
+    results = {}
+    with strategy.scope():
+        model = _model()
+        model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    # ModelCheckpoint + EarlyStopping (min_delta=10: stops after 2 epochs). The
+    # TensorBoard callback is not tested: the test venv has no tensorboard.
+    checkpoint = os.path.join(tmp, "best.weights.h5")
+    history = model.fit(
+        dataset, epochs=5, steps_per_epoch=20, verbose=0,
+        callbacks=[
+            keras.callbacks.ModelCheckpoint(checkpoint, save_weights_only=True),
+            keras.callbacks.EarlyStopping(monitor="loss", patience=0, min_delta=10.0),
+        ])
+    results["early_stopped_epochs"] = len(history.history["loss"])
+    results["iterations"] = int(model.optimizer.iterations.numpy())
+    kernel = model.layers[0].kernel.value
+    results["kernel_type"] = type(kernel).__name__
+    results["kernel_shard_devices"] = sorted(v.device for v in getattr(kernel, "variables", []))
+    slots = [v.value for v in model.optimizer.variables if v.shape == (N_FEATURES, 16)]
+    results["slot_shard_devices"] = [
+        sorted(v.device for v in getattr(slot, "variables", [slot])) for slot in slots]
+    local = _model()
+    local.load_weights(checkpoint)
+    results["checkpoint_max_diff"] = max(
+        float(np.abs(a - b).max()) for a, b in zip(local.get_weights(), model.get_weights()))
+
+    # BackupAndRestore: interrupted after epoch 1, the next fit resumes at epoch 2.
+    backup = os.path.join(tmp, "backup")
+    with strategy.scope():
+        model2 = _model()
+        model2.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    try:
+        model2.fit(dataset, epochs=4, steps_per_epoch=10, verbose=0,
+                   callbacks=[keras.callbacks.BackupAndRestore(backup),
+                              _InterruptAfterEpoch(1)])
+    except RuntimeError as error:
+        results["interrupted"] = str(error)
+    results["iterations_at_interrupt"] = int(model2.optimizer.iterations.numpy())
+    history = model2.fit(dataset, epochs=4, steps_per_epoch=10, verbose=0,
+                         callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    results["resumed_epochs"] = history.epoch
+    results["iterations_after_resume"] = int(model2.optimizer.iterations.numpy())
+    return results
+
+
+@pytest.mark.slow
+def test_callbacks_and_variable_partitioner(fresh_process, tmp_path):
+    r = fresh_process(_child_callbacks_and_partitioner, str(tmp_path), timeout=300)
+    assert r["early_stopped_epochs"] == 2
+    assert r["iterations"] == 40
+    assert r["kernel_type"] == "ShardedVariable"
+    assert [d.split("/device")[0] for d in r["kernel_shard_devices"]] == [
+        "/job:ps/replica:0/task:0", "/job:ps/replica:0/task:1"]
+    assert r["slot_shard_devices"], "no Adam slots for the kernel"
+    for devices in r["slot_shard_devices"]:  # slots: sharded on the PS tasks too
+        assert len(devices) == 2 and all("/job:ps/" in d for d in devices), devices
+    assert r["checkpoint_max_diff"] == 0.0
+    assert r["interrupted"] == "simulated interruption"
+    assert r["iterations_at_interrupt"] == 20
+    assert r["resumed_epochs"] == [2, 3]
+    assert r["iterations_after_resume"] == 40
+
+
+# ------------------------------- restart from a checkpoint after losing the PS
+
+
+def _child_train_and_save(path):
+    strategy = _strategy(workers=2, ps=1)
+    x, y = _data()
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat()
+    with strategy.scope():
+        model = _model()
+        model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(dataset, epochs=1, steps_per_epoch=30, verbose=0)
+    model.save(path)
+    return {
+        "iterations": int(model.optimizer.iterations.numpy()),
+        "optimizer": [np.asarray(v.numpy()) for v in model.optimizer.variables],
+        "weights": model.get_weights(),
+    }
+
+
+def _child_restore_and_resume(path):
+    strategy = _strategy(workers=2, ps=1)  # a new cluster: the old PS is gone
+    x, y = _data()
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat()
+    with strategy.scope():
+        model = keras.models.load_model(path)
+    restored = {
+        "iterations": int(model.optimizer.iterations.numpy()),
+        "optimizer": [np.asarray(v.numpy()) for v in model.optimizer.variables],
+        "weights": model.get_weights(),
+        "devices": sorted({v.value.device for v in model.weights + model.optimizer.variables}),
+    }
+    history = model.fit(dataset, epochs=1, steps_per_epoch=10, verbose=0)
+    restored["iterations_after"] = int(model.optimizer.iterations.numpy())
+    restored["version_after"] = strategy.global_version
+    restored["loss"] = history.history["loss"][0]
+    return restored
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_after_ps_loss(fresh_process, tmp_path):
+    path = str(tmp_path / "model.keras")
+    saved = fresh_process(_child_train_and_save, path, timeout=300)
+    restored = fresh_process(_child_restore_and_resume, path, timeout=300)
+    assert saved["iterations"] == restored["iterations"] == 30
+    assert len(saved["optimizer"]) == len(restored["optimizer"])
+    for a, b in zip(saved["optimizer"], restored["optimizer"]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(saved["weights"], restored["weights"]):
+        np.testing.assert_array_equal(a, b)
+    assert all("/job:ps/" in d for d in restored["devices"]), restored["devices"]
+    assert restored["iterations_after"] == restored["version_after"] == 40
+    assert np.isfinite(restored["loss"])

@@ -405,3 +405,56 @@ class _SingleReplicaContext(tf.distribute.ReplicaContext):
     def all_reduce(self, reduce_op, value, options=None):
         del reduce_op, options  # SUM and MEAN over one replica are the value.
         return value
+
+
+def allow_sharded_variable_updates(strategy) -> None:
+    """Lets Keras 3 optimizers update ``ShardedVariable``s under ``strategy``.
+
+    Keras' TF optimizer creates slots colocated with their variable and updates
+    each variable with
+    ``strategy.extended.update(var, fn)``; ParameterServerStrategy's
+    ``_update`` colocates with ``var``, which a ``ShardedVariable`` (made by
+    ``variable_partitioner``) refuses. ``ShardedVariable`` already splits
+    ``assign``/``assign_add``/``assign_sub`` across its shards, each on its own
+    parameter server, so ``fn`` runs without the colocation.
+    """
+    from tensorflow.python.distribute import distribute_lib
+    from tensorflow.python.distribute import sharded_variable
+
+    extended = strategy.extended
+    original = extended._update
+
+    def _update(var, fn, args, kwargs, group):
+        if isinstance(var, sharded_variable.ShardedVariable):
+            with distribute_lib.UpdateContext(var.variables[0].device):
+                return fn(var, *args, **kwargs)
+        return original(var, fn, args, kwargs, group)
+
+    extended._update = _update
+
+    # Keras creates optimizer slots in ``colocate_vars_with(variable)``; for a
+    # ShardedVariable that would put the slot on the coordinator. Without the
+    # colocation the slot goes through the partitioner like its variable, so
+    # it is sharded across the parameter servers too.
+    import contextlib
+
+    original_colocate = extended.colocate_vars_with
+
+    def colocate_vars_with(colocate_with_variable):
+        if isinstance(colocate_with_variable, sharded_variable.ShardedVariable):
+            return contextlib.nullcontext()
+        return original_colocate(colocate_with_variable)
+
+    extended.colocate_vars_with = colocate_vars_with
+    cls = sharded_variable.ShardedVariable
+    if not hasattr(cls, "__array__"):  # Keras' save_weights/get_weights need it
+
+        def __array__(self, dtype=None, copy=None):
+            del copy
+            import numpy as np
+
+            return np.asarray(tf.convert_to_tensor(self).numpy(), dtype=dtype)
+
+        cls.__array__ = __array__
+    if not hasattr(cls, "numpy"):
+        cls.numpy = lambda self: tf.convert_to_tensor(self).numpy()

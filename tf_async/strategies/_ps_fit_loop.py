@@ -8,15 +8,14 @@ BackupAndRestore), ``evaluate`` for validation.
 
 Scheduling never blocks per step: each batch is one
 ``ClusterCoordinator.schedule`` call. Logs for callbacks are refreshed from the
-parameter servers every ``log_every_steps`` steps (reading metric variables,
-which does not stall the workers) and exactly at epoch end after
-``coordinator.join()``.
+parameter servers every ``log_every_steps`` steps, or by default every 2 s (one
+``tf.function`` reads all metric variables in one round trip; the workers are
+not stalled), and exactly at epoch end after ``coordinator.join()``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import keras
 import numpy as np
@@ -56,12 +55,41 @@ def _element_spec(source, strategy):
     return dataset.element_spec
 
 
-class _FitState:
-    """Per-model objects kept across ``fit`` calls (traced step, counters)."""
+class FitState:
+    """Per-model objects kept across ``fit`` calls: counters on the PS, the
+    traced step and log-reading functions, the last per-worker iterator."""
 
-    def __init__(self):
-        self.step_function = None
-        self.counters: Optional[PSCounters] = None
+    def __init__(self, strategy, model: keras.Model):
+        self.counters = PSCounters(strategy)
+        train_step = TrainStep(model, self.counters, strategy.max_staleness)
+        counters = self.counters
+        self.next_step_id = 0
+        self.source = None
+        self.iterator = None
+
+        @tf.function
+        def step_function(iterator, step_id):
+            _keras_fit.run_in_single_replica_context(
+                strategy, train_step.replica_fn, step_id, next(iterator)
+            )
+
+        @tf.function
+        def read_results():
+            # One call: every metric and counter is read in a single round trip.
+            return model.get_metrics_result(), counters.epoch_tensors()
+
+        self.step_function = step_function
+        self.read_results = read_results
+
+    def iterator_for(self, strategy, source):
+        """Per-worker iterator over ``source``; reused when fit gets the same
+        (infinite, repeated) dataset or dataset function again."""
+        if source is not self.source:
+            self.iterator = _ps_data.per_worker_iterator(
+                strategy, strategy.coordinator, source
+            )
+            self.source = source
+        return self.iterator
 
 
 def run_fit(
@@ -115,27 +143,9 @@ def run_fit(
     if not model.trainable_variables:
         raise ValueError("The model has no trainable variables to fit.")
 
-    initial_epoch = _keras_fit.initial_epoch(model, initial_epoch)
-    iterations = model.optimizer.iterations
-    start_version = int(iterations.numpy())
-    total_steps = max(epochs - initial_epoch, 0) * steps
-    counters = PSCounters(strategy, total_steps, start_version)
-    train_step = TrainStep(model, counters, strategy.max_staleness)
-
-    @tf.function
-    def step_function(iterator, step_id):
-        data = next(iterator)
-
-        def train():
-            _keras_fit.run_in_single_replica_context(
-                strategy, train_step.replica_fn, step_id, data
-            )
-            return tf.constant(True)
-
-        # A retried closure whose first attempt completed is skipped.
-        tf.cond(counters.is_done(step_id), lambda: tf.constant(False), train)
-
-    iterator = _ps_data.per_worker_iterator(strategy, coordinator, source)
+    state = strategy._fit_state(model)
+    counters = state.counters
+    iterator = state.iterator_for(strategy, source)
 
     if not isinstance(callbacks, keras.callbacks.CallbackList):
         callbacks = keras.callbacks.CallbackList(
@@ -147,30 +157,40 @@ def run_fit(
             steps=steps,
             model=model,
         )
-    log_every = strategy.log_every_steps or max(1, steps // 10)
+    log_every = strategy.log_every_steps
+    refresh_seconds = 2.0  # without log_every_steps: refresh logs by time
 
     def read_logs() -> dict:
-        logs = _floats(model.get_metrics_result())
-        logs.update(counters.epoch_stats())
+        results, (tau_sum, tau_max, count) = state.read_results()
+        logs = _floats(results)
+        logs.update(PSCounters.stats_from(tau_sum, tau_max, count))
         return logs
 
     model.stop_training = False
-    callbacks.on_train_begin()
+    callbacks.on_train_begin()  # BackupAndRestore may restore weights here
+    initial_epoch = _keras_fit.initial_epoch(model, initial_epoch)
+    counters.start(int(model.optimizer.iterations.numpy()))
     training_logs = None
-    step_id = 0
     for epoch in range(initial_epoch, epochs):
         model.reset_metrics()
         counters.reset_epoch_stats()
         callbacks.on_epoch_begin(epoch)
         logs: dict = {}
+        last_refresh = time.monotonic()
         for step in range(steps):
             callbacks.on_train_batch_begin(step)
             coordinator.schedule(
-                step_function, args=(iterator, tf.constant(step_id, tf.int64))
+                state.step_function,
+                args=(iterator, tf.constant(state.next_step_id, tf.int64)),
             )
-            step_id += 1
-            if (step + 1) % log_every == 0 and step + 1 < steps:
+            state.next_step_id += 1
+            if step + 1 < steps and (
+                (step + 1) % log_every == 0
+                if log_every
+                else time.monotonic() - last_refresh > refresh_seconds
+            ):
                 logs = read_logs()
+                last_refresh = time.monotonic()
             callbacks.on_train_batch_end(step, logs)
             if model.stop_training:
                 break
@@ -195,7 +215,6 @@ def run_fit(
             break
     coordinator.join()
     callbacks.on_train_end(logs=training_logs)
-    strategy._last_fit_counters = counters
     return model.history
 
 

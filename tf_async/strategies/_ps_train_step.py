@@ -60,17 +60,22 @@ def _fetch_and_increment(variable: tf.Variable) -> tf.Tensor:
     )
 
 
+# Completed-step marks are kept in a ring of this many slots (slot = step id mod
+# size, value = step id + 1): far more than steps in flight or being retried.
+DONE_RING_SIZE = 1 << 16
+
+
 class PSCounters:
     """Step accounting variables on the parameter servers (int64)."""
 
-    def __init__(self, strategy: tf.distribute.Strategy, total_steps: int, start: int):
+    def __init__(self, strategy: tf.distribute.Strategy):
         with strategy.scope():
             self.version = tf.Variable(
-                start, dtype=tf.int64, trainable=False, name="tf_async_version"
+                0, dtype=tf.int64, trainable=False, name="tf_async_version"
             )
             with strategy.extended.colocate_vars_with(self.version):
                 self.tickets = tf.Variable(
-                    start, dtype=tf.int64, trainable=False, name="tf_async_tickets"
+                    0, dtype=tf.int64, trainable=False, name="tf_async_tickets"
                 )
                 self.tau_sum = tf.Variable(
                     0, dtype=tf.int64, trainable=False, name="tf_async_tau_sum"
@@ -82,24 +87,35 @@ class PSCounters:
                     0, dtype=tf.int64, trainable=False, name="tf_async_steps"
                 )
                 self.done = tf.Variable(
-                    tf.zeros([max(total_steps, 1)], tf.int8),
+                    tf.zeros([DONE_RING_SIZE], tf.int64),
                     trainable=False,
                     name="tf_async_done",
                 )
 
+    def start(self, version: int) -> None:
+        """Before a fit: the version continues from ``optimizer.iterations``."""
+        self.version.assign(version)
+        self.tickets.assign(version)
+
     def is_done(self, step_id) -> tf.Tensor:
-        return tf.gather(self.done, step_id) > 0
+        return tf.equal(tf.gather(self.done, step_id % DONE_RING_SIZE), step_id + 1)
 
     def reset_epoch_stats(self) -> None:
         self.tau_sum.assign(0)
         self.tau_max.assign([0])
         self.steps.assign(0)
 
-    def epoch_stats(self) -> dict:
-        steps = int(self.steps.numpy())
+    def epoch_tensors(self):
+        """(τ sum, τ max, steps) of the current epoch, as tensors."""
+        return self.tau_sum.read_value(), self.tau_max.read_value()[0], self.steps.read_value()
+
+    @staticmethod
+    def stats_from(tau_sum, tau_max, steps) -> dict:
+        """``staleness_mean`` / ``staleness_max`` logs from ``epoch_tensors()``."""
+        steps = int(steps)
         return {
-            "staleness_mean": float(self.tau_sum.numpy()) / max(steps, 1),
-            "staleness_max": float(self.tau_max.numpy()[0]),
+            "staleness_mean": float(tau_sum) / max(steps, 1),
+            "staleness_max": float(tau_max),
         }
 
 
@@ -137,7 +153,9 @@ class TrainStep:
 
     @staticmethod
     def _snapshot(variables) -> List[tf.Tensor]:
-        return [tf.identity(v.value) for v in variables]
+        # convert_to_tensor reads each variable once (a sharded variable: each
+        # shard once, concatenated).
+        return [tf.convert_to_tensor(v.value) for v in variables]
 
     def _apply(self, gradients, values, tau) -> tf.Operation:
         """``optimizer.apply`` inside the StepContext; returns a group of its ops.
@@ -156,35 +174,44 @@ class TrainStep:
 
     # -- the replica function ---------------------------------------------------
     def replica_fn(self, step_id, data):
+        """One training step; call in a replica context of the strategy."""
         counters = self.counters
         model = self.model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        v_read = counters.version.read_value()
+        with tf.control_dependencies([v_read]):
+            values = self._snapshot(model.trainable_variables)
+        gradients, y_pred, loss, updates = self._forward_backward(
+            values, x, y, sample_weight
+        )
+        # Read concurrently with the forward pass, so the check costs no latency.
+        already_done = counters.is_done(step_id)
 
-        def run():
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            v_read = counters.version.read_value()
-            with tf.control_dependencies([v_read]):
-                values = self._snapshot(model.trainable_variables)
-            gradients, y_pred, loss, updates = self._forward_backward(
-                values, x, y, sample_weight
-            )
+        def commit():
             if self.max_staleness is None:
                 with tf.control_dependencies(_deps(gradients)):
                     ticket = _fetch_and_increment(counters.version)
-                tau = ticket - v_read
+                with tf.device(counters.version.device):
+                    tau = ticket - v_read  # on the PS: no extra round trip
                 with tf.control_dependencies([ticket]):
                     applied = self._apply(gradients, values, tau)
+                new_y_pred, new_loss, new_updates = y_pred, loss, updates
             else:
-                applied, y_pred, loss, updates, tau = self._bounded_apply(
+                applied, new_y_pred, new_loss, new_updates, tau = self._bounded_apply(
                     v_read, gradients, values, y_pred, loss, updates, x, y, sample_weight
                 )
-            finished = [applied, tau]
-            with tf.control_dependencies(finished):
-                for index, value in zip(self._updated_non_trainable, updates):
+            # Metrics and staleness statistics need not wait for the apply.
+            self._update_metrics(x, y, new_y_pred, new_loss, sample_weight)
+            self._record_staleness(tau)
+            with tf.control_dependencies([applied]):
+                for index, value in zip(self._updated_non_trainable, new_updates):
                     model.non_trainable_variables[index].assign(value)
-                self._record(step_id, tau)
-                self._update_metrics(x, y, y_pred, loss, sample_weight)
+                self._mark_done(step_id)
+            return tf.constant(True)
 
-        run()
+        # A closure retried by the coordinator after its first attempt
+        # completed on the parameter servers is not applied twice.
+        tf.cond(already_done, lambda: tf.constant(False), commit)
 
     def _bounded_apply(self, v_read, gradients, values, y_pred, loss, updates, x, y, sw):
         counters = self.counters
@@ -217,7 +244,7 @@ class TrainStep:
         applied = self._apply(list(gradients), list(values), tau)
         return applied, y_pred, loss, list(updates), tau
 
-    def _record(self, step_id, tau):
+    def _record_staleness(self, tau):
         counters = self.counters
         counters.tau_sum.assign_add(tau)
         tf.raw_ops.ResourceScatterMax(
@@ -226,10 +253,14 @@ class TrainStep:
             updates=tf.reshape(tau, [1]),
         )
         counters.steps.assign_add(tf.constant(1, tf.int64))
+
+    def _mark_done(self, step_id):
+        """After the apply: step ``step_id`` completed (SSP: next turn may go)."""
+        counters = self.counters
         tf.raw_ops.ResourceScatterUpdate(
             resource=counters.done.handle,
-            indices=tf.reshape(tf.cast(step_id, tf.int64), [1]),
-            updates=tf.constant([1], tf.int8),
+            indices=tf.reshape(step_id % DONE_RING_SIZE, [1]),
+            updates=tf.reshape(step_id + 1, [1]),
         )
         if self.max_staleness is not None:
             counters.version.assign_add(tf.constant(1, tf.int64))

@@ -80,7 +80,7 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         variables (and their optimizer slots) across ps tasks, e.g.
         ``tf.distribute.experimental.partitioners.MinSizePartitioner``.
       log_every_steps: refresh the logs callbacks see every this many steps
-        (default: 10 times per epoch); epoch-end logs are always exact.
+        (default: every 2 seconds); epoch-end logs are always exact.
 
     Raises:
       ValueError: ``max_staleness < 0``; a cluster without ps or workers.
@@ -109,9 +109,12 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
             self
         )
         self._chief_functions: dict = {}
-        self._last_fit_counters = None
+        self._fit_states: dict = {}  # id(model) -> (model, FitState)
+        self._last_fit_model = None
         _keras_fit.install_trainer_dispatch()
         _keras_fit.install_atomic_assign_add()
+        if variable_partitioner is not None:
+            _keras_fit.allow_sharded_variable_updates(self)
 
     @property
     def coordinator(self) -> tf.distribute.experimental.coordinator.ClusterCoordinator:
@@ -134,10 +137,18 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
     def global_version(self) -> Optional[int]:
         """Updates applied to the model in the last ``fit`` (the atomic version
         counter on the parameter servers), or ``None`` before any fit."""
-        if self._last_fit_counters is None:
+        if self._last_fit_model is None:
             return None
         self._coordinator.join()
-        return int(self._last_fit_counters.version.numpy())
+        return int(self._fit_state(self._last_fit_model).counters.version.numpy())
+
+    def _fit_state(self, model) -> "_ps_fit_loop.FitState":
+        entry = self._fit_states.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = (model, _ps_fit_loop.FitState(self, model))
+            self._fit_states[id(model)] = entry
+        self._last_fit_model = model
+        return entry[1]
 
     def check_model(self, model) -> None:
         """ValueError unless ``model`` was created in this strategy's scope."""

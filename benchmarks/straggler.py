@@ -1,0 +1,155 @@
+"""Straggler benchmark: asynchronous parameter-server `model.fit` vs bulk-synchronous rounds.
+
+4 workers + 1 PS on `tf_async.local_cluster`; worker 3's input pipeline sleeps
+`--delay_ms` per batch (tf.data's SleepDataset), making it several times
+slower than the others. On the same cluster and model we measure steps/s of:
+
+* `fit`       — `model.fit` under AsyncParameterServerStrategy (this plugin);
+* `hand_loop` — a raw `ClusterCoordinator.schedule` loop, one step per batch,
+                Keras 3 optimizer `apply`, no fit (the engine itself);
+* `sync`      — bulk-synchronous rounds: schedule one step per worker, `join()`.
+
+Prints `fit_over_hand_loop_throughput: R` (goal >= 0.9) and, last,
+`async_over_sync_throughput: R` (fit vs sync; goal >= 4).
+
+    python benchmarks/straggler.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+FEATURES = 64
+CLASSES = 10
+WORKERS = 4
+SLOW_WORKER = 3
+
+
+def make_model():
+    import keras
+
+    return keras.Sequential([
+        keras.Input((FEATURES,)),
+        keras.layers.Dense(128, activation="relu"),
+        keras.layers.Dense(128, activation="relu"),
+        keras.layers.Dense(CLASSES, activation="softmax"),
+    ])
+
+
+def make_dataset_fn(delay_ms: int, batch_size: int):
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2048, FEATURES)).astype("float32")
+    y = (np.abs(x[:, :CLASSES]).argmax(1)).astype("int32")
+
+    def dataset_fn(input_context):
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(batch_size)
+        if input_context.input_pipeline_id == SLOW_WORKER and delay_ms > 0:
+            # tf.data's own sleep transformation (not exported in tf 2.21's API).
+            from tensorflow.python.data.experimental.ops import testing
+
+            dataset = dataset.apply(testing.sleep(delay_ms * 1000))
+        return dataset
+
+    return dataset_fn
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short run (< 2 min)")
+    parser.add_argument("--delay_ms", type=int, default=40)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="async steps measured")
+    parser.add_argument("--rounds", type=int, default=None, help="sync rounds measured")
+    args = parser.parse_args()
+    steps = args.steps or (600 if args.quick else 3000)
+    rounds = args.rounds or (60 if args.quick else 300)
+
+    import keras
+    import tensorflow as tf
+
+    import tf_async
+    from tf_async import _keras_fit
+
+    strategy = tf_async.strategies.AsyncParameterServerStrategy(
+        tf_async.local_cluster(workers=WORKERS, ps=1)
+    )
+    coordinator = strategy.coordinator
+    dataset_fn = make_dataset_fn(args.delay_ms, args.batch_size)
+
+    with strategy.scope():
+        model = make_model()
+        model.compile(optimizer=keras.optimizers.SGD(0.01),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        hand_model = make_model()
+        hand_optimizer = keras.optimizers.SGD(0.01)
+        hand_optimizer.build(hand_model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+
+    # Per-worker iterators with the same InputContexts fit gives its dataset_fn.
+    from tf_async.strategies import _ps_data
+
+    hand_iterator = _ps_data.per_worker_iterator(strategy, coordinator, dataset_fn)
+
+    @tf.function
+    def hand_step(iterator):
+        def replica_fn(batch):
+            x, y = batch
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, hand_model(x, training=True))
+            grads = tape.gradient(loss, hand_model.trainable_variables)
+            hand_optimizer.apply(grads, hand_model.trainable_variables)
+            return loss
+
+        return strategy.run(replica_fn, args=(next(iterator),))
+
+    def hand_loop(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            coordinator.schedule(hand_step, args=(hand_iterator,))
+        coordinator.join()
+        return n / (time.perf_counter() - start)
+
+    def sync_rounds(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            for _ in range(WORKERS):
+                coordinator.schedule(hand_step, args=(hand_iterator,))
+            coordinator.join()
+        return n * WORKERS / (time.perf_counter() - start)
+
+    def fit(n: int) -> float:
+        start = time.perf_counter()
+        model.fit(dataset_fn, epochs=1, steps_per_epoch=n, verbose=0)
+        return n / (time.perf_counter() - start)
+
+    # Warm up (tracing, iterator creation) outside the timed runs.
+    hand_loop(2 * WORKERS)
+    sync_rounds(2)
+    fit(2 * WORKERS)
+
+    results = {"hand_loop": [], "sync": [], "fit": []}
+    repeats = 2 if args.quick else 3
+    for _ in range(repeats):  # interleaved, so load changes hit all three alike
+        results["fit"].append(fit(steps))
+        results["hand_loop"].append(hand_loop(steps))
+        results["sync"].append(sync_rounds(rounds))
+    best = {name: max(values) for name, values in results.items()}
+    for name, values in results.items():
+        print(f"{name}_steps_per_s: " + " ".join(f"{v:.1f}" for v in values)
+              + f" (best {best[name]:.1f})")
+    print(f"fit_final_loss: {model.history.history['loss'][-1]:.4f}")
+    print(f"fit_staleness_mean: {model.history.history['staleness_mean'][-1]:.2f}")
+    print(f"hand_loop_over_sync_throughput: {best['hand_loop'] / best['sync']:.2f}")
+    print(f"fit_over_hand_loop_throughput: {best['fit'] / best['hand_loop']:.2f}")
+    print(f"async_over_sync_throughput: {best['fit'] / best['sync']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

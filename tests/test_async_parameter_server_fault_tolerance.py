@@ -1,0 +1,86 @@
+"""Fault tolerance of AsyncParameterServerStrategy in a real multi-process cluster.
+
+``python -m tf_async.launch --workers 3 --ps 1 --keep_going`` runs a training
+script; the chief SIGKILLs worker 1 in the middle of fit. TF's
+ClusterCoordinator re-runs the lost worker's closures on the others; fit must
+complete with every scheduled step applied exactly once (version counter ==
+optimizer.iterations == steps scheduled) and a finite loss.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent('''
+    import os, signal, sys, time
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    PID_DIR = os.environ["PID_DIR"]
+    task = os.environ.get("TF_ASYNC_TASK", "")
+    with open(os.path.join(PID_DIR, task.replace(":", "_") + ".pid"), "w") as f:
+        f.write(str(os.getpid()))
+    import tf_async
+    tf_async.cluster.serve_forever_if_server_task()
+
+    import keras, numpy as np, tensorflow as tf
+    EPOCHS, STEPS = 4, 40
+    strategy = tf_async.strategies.AsyncParameterServerStrategy(
+        tf.distribute.cluster_resolver.TFConfigClusterResolver())
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 8)).astype("float32")
+    y = (x.sum(1) > 0).astype("int32")
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(512).batch(32).repeat()
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(2, activation="softmax")])
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+
+    class KillWorker(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if self.params and batch == STEPS // 2 and not getattr(self, "done", False):
+                self.done = True
+                with open(os.path.join(PID_DIR, "worker_1.pid")) as f:
+                    pid = int(f.read())
+                os.kill(pid, signal.SIGKILL)
+                print("killed worker 1 pid", pid, flush=True)
+
+    history = model.fit(dataset, epochs=EPOCHS, steps_per_epoch=STEPS, verbose=2,
+                        callbacks=[KillWorker()])
+    print("steps_scheduled:", EPOCHS * STEPS)
+    print("version:", strategy.global_version)
+    print("iterations:", int(model.optimizer.iterations.numpy()))
+    print("final_loss:", history.history["loss"][-1])
+    sys.stdout.flush()
+    os._exit(0)  # the coordinator keeps reconnecting to the dead worker
+''')
+
+
+@pytest.mark.slow
+def test_fit_survives_killed_worker_with_exact_step_count(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PID_DIR"] = str(tmp_path)
+    env.pop("TF_CONFIG", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_async.launch", "--workers", "3", "--ps", "1",
+         "--keep_going", "--", str(script)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
+    assert "killed worker 1" in out, out[-3000:]
+    assert re.search(r"\[launch\] worker 1 exited with code", out), out[-3000:]
+    values = dict(re.findall(r"\[chief 0\] (steps_scheduled|version|iterations|final_loss): (\S+)", out))
+    assert values["version"] == values["steps_scheduled"] == "160", values
+    assert values["iterations"] == "160", values
+    assert float(values["final_loss"]) < 1e9  # finite
