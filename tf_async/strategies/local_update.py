@@ -370,9 +370,13 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
                         [tf.reshape(tf.cast(pv[d], tf.float32), [-1]) for pv in per_var], 0
                     )
                 )
-        packed = _keras_fit.per_replica(flats) if num_local > 1 else flats[0]
+        packed = _keras_fit.per_replica(flats)
         self._lu_runtime.collective_calls += 1
-        mean = self.extended.reduce_to(tf.distribute.ReduceOp.MEAN, packed, packed)
+        # The one collective (batch_reduce_to uses the strategy's configured
+        # cross-device ops; MirroredExtended.reduce_to bypasses them on CPU).
+        (mean,) = self.extended.batch_reduce_to(
+            tf.distribute.ReduceOp.MEAN, [(packed, packed)]
+        )
         means = list(self.experimental_local_results(mean))
 
         local_params = [f[:num_params] for f in flats]
