@@ -292,6 +292,18 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
             and int(self.pending_steps.numpy()) > 0
         ):
             self.synchronize()
+        if not isinstance(value, tf.distribute.DistributedValues) and len(tf.nest.flatten(value)) > 1:
+            # Reduce a structure leaf by leaf: MultiWorkerMirrored's eager
+            # reduce of a tuple of PerReplica values (what Keras 3 fit does
+            # in `_maybe_symbolic_build`) fails in TF 2.21 (keras#20585).
+            parent = super()
+            return tf.nest.map_structure(lambda v: parent.reduce(reduce_op, v, axis), value)
+        if axis is not None:
+            # Keras 3 reduces per-replica scalar logs with axis=0 under
+            # MultiWorkerMirrored, which fails for rank 0: mean over replicas.
+            first = self.experimental_local_results(value)[0]
+            if getattr(first, "shape", None) is not None and first.shape.rank == 0:
+                axis = None
         return super().reduce(reduce_op, value, axis)
 
     # ------------------------------------------------------------ internals
