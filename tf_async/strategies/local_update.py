@@ -87,6 +87,7 @@ class _Runtime:
         self.local_mode = False
         self.updated: Dict[int, tf.Variable] = {}
         self.slots: Dict[int, List[tf.Variable]] = {}
+        self.trainable: List[tf.Variable] = []  # created in scope, in order
         self.groups: Dict[Tuple[int, ...], _SyncGroup] = {}
         self.collective_calls = 0  # trace-time count of packed all-reduces built
 
@@ -103,6 +104,10 @@ class _LocalUpdateExtendedMixin(_keras_fit.LocalUpdateExtendedSeams):
         if colocate_with is not None and isinstance(colocate_with, tf.Variable):
             key = _keras_fit.variable_key(colocate_with)
             self._lu_runtime.slots.setdefault(key, []).append(variable)
+        elif getattr(variable, "trainable", False) and isinstance(
+            variable, tf.distribute.DistributedValues
+        ):
+            self._lu_runtime.trainable.append(variable)
 
     def batch_reduce_to(self, reduce_op, value_destination_pairs, options=None):
         runtime = self._lu_runtime
@@ -236,22 +241,49 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
                 0.0, dtype=tf.float32, trainable=False, name="local_update_divergence"
             )
         self._sync_function = None
+        self._checkpoint_module: Optional[tf.Module] = None
 
     # ------------------------------------------------------------------ API
 
     def state_variables(self) -> List[tf.Variable]:
-        """Strategy state to checkpoint beside the model and optimizer
-        (position in the period, sync count, averager centre/momentum)."""
+        """Strategy state: position in the period, sync count, last
+        divergence, and the averager's centre/momentum (once training began)."""
         state = [self.pending_steps, self.sync_count, self.local_divergence]
         for group in self._lu_runtime.groups.values():
             state.extend(group.averager.variables())
         return state
 
     def checkpoint(self) -> tf.Module:
-        """A trackable holding ``state_variables()`` for ``tf.train.Checkpoint``."""
-        module = tf.Module(name="local_update_state")
-        module.state = self.state_variables()
-        return module
+        """A trackable for ``tf.train.Checkpoint`` next to the model and optimizer.
+
+        It holds ``state_variables()`` and, once training has started, the
+        per-replica copies (replicas 1..N-1; the model checkpoint holds
+        replica 0) of every trainable variable created in this scope and of
+        its optimizer slots, so a checkpoint taken in the middle of a period
+        resumes exactly. When restoring into a fresh strategy, the replica
+        copies and the averager's centre are attached — and so restored,
+        by TF's deferred restoration — at the first train step, i.e. after
+        ``checkpoint.restore`` has written replica 0's values everywhere.
+        """
+        if self._checkpoint_module is None:
+            self._checkpoint_module = tf.Module(name="local_update_state")
+            self._checkpoint_module.counters = [
+                self.pending_steps, self.sync_count, self.local_divergence
+            ]
+        if self._lu_runtime.groups:
+            self._attach_checkpoint_state()
+        return self._checkpoint_module
+
+    def _attach_checkpoint_state(self) -> None:
+        module = self._checkpoint_module
+        runtime = self._lu_runtime
+        copies = []
+        for variable in runtime.trainable:
+            for v in [variable] + runtime.slots.get(_keras_fit.variable_key(variable), []):
+                copies.append(list(self.experimental_local_results(v))[1:])
+        with tf.init_scope():
+            module.replica_copies = copies
+            module.averagers = [g.averager.variables() for g in runtime.groups.values()]
 
     def synchronize(self) -> None:
         """Averages the replicas now (eagerly), if any local step is pending."""
@@ -292,6 +324,18 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
             and int(self.pending_steps.numpy()) > 0
         ):
             self.synchronize()
+        if not isinstance(value, tf.distribute.DistributedValues) and len(tf.nest.flatten(value)) > 1:
+            # Reduce a structure leaf by leaf: MultiWorkerMirrored's eager
+            # reduce of a tuple of PerReplica values (what Keras 3 fit does
+            # in `_maybe_symbolic_build`) fails in TF 2.21 (keras#20585).
+            parent = super()
+            return tf.nest.map_structure(lambda v: parent.reduce(reduce_op, v, axis), value)
+        if axis is not None:
+            # Keras 3 reduces per-replica scalar logs with axis=0 under
+            # MultiWorkerMirrored, which fails for rank 0: mean over replicas.
+            first = self.experimental_local_results(value)[0]
+            if getattr(first, "shape", None) is not None and first.shape.rank == 0:
+                axis = None
         return super().reduce(reduce_op, value, axis)
 
     # ------------------------------------------------------------ internals
@@ -328,6 +372,8 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
                 )
                 averager.build(initial, self)
             runtime.groups[key] = _SyncGroup(params, slots, averager)
+            if self._checkpoint_module is not None:  # deferred restoration
+                self._attach_checkpoint_state()
         return runtime.groups[key]
 
     def _after_local_step(self, group: _SyncGroup) -> None:
@@ -370,9 +416,13 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
                         [tf.reshape(tf.cast(pv[d], tf.float32), [-1]) for pv in per_var], 0
                     )
                 )
-        packed = _keras_fit.per_replica(flats) if num_local > 1 else flats[0]
+        packed = _keras_fit.per_replica(flats)
         self._lu_runtime.collective_calls += 1
-        mean = self.extended.reduce_to(tf.distribute.ReduceOp.MEAN, packed, packed)
+        # The one collective (batch_reduce_to uses the strategy's configured
+        # cross-device ops; MirroredExtended.reduce_to bypasses them on CPU).
+        (mean,) = self.extended.batch_reduce_to(
+            tf.distribute.ReduceOp.MEAN, [(packed, packed)]
+        )
         means = list(self.experimental_local_results(mean))
 
         local_params = [f[:num_params] for f in flats]

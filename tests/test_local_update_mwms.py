@@ -1,0 +1,39 @@
+"""LocalUpdateStrategy over a 2-process MultiWorkerMirroredStrategy on localhost."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_two_workers_diverge_inside_period_and_agree_after_sync():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("TF_CONFIG", None)
+    script = os.path.join(REPO, "tests", "_local_update_mwms_script.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tf_async.launch", "--workers", "2", "--ps", "0", "--", script],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    results = [json.loads(m) for m in re.findall(r"RESULT (\{.*\})", output)]
+    assert len(results) == 2, output[-4000:]
+    a, b = results
+    assert a["replicas"] == b["replicas"] == 2
+    assert len(a["per_step"]) == len(b["per_step"]) == 10
+    for step, (sa, sb) in enumerate(zip(a["per_step"], b["per_step"]), start=1):
+        if step in (4, 8):
+            assert sa == sb, (step, a["per_step"], b["per_step"])
+        else:
+            assert sa != sb, (step, a["per_step"], b["per_step"])
+    # Syncs at steps 4 and 8, and the forced one at the end of the epoch (10).
+    assert a["syncs"] == b["syncs"] == 3
+    assert a["final"] == b["final"]
+    assert a["divergence"] > 0
