@@ -269,6 +269,13 @@ class ShardedAdam(keras.optimizers.Adam):
 
         return write
 
+    def state_variables(self) -> List[tf.Variable]:
+        """Every variable holding optimizer state (per-replica slices included)."""
+        result = [v.value for v in self.variables]
+        for group in self._groups:
+            result.extend(group.slots.values())
+        return result
+
     def logical_state(self) -> List[np.ndarray]:
         """The unsharded optimizer state, as ``keras.optimizers.Adam.variables`` has it."""
         values = [np.asarray(v.numpy()) for v in self.variables]
@@ -345,7 +352,7 @@ class ShardedAdam(keras.optimizers.Adam):
                 self._update_slice(group, replica, grad_of, variables, learning_rate, decay)
             )
         if num_shards > 1:
-            gathered = context.all_gather(new_slices, axis=0)
+            gathered = self._all_gather(context, replica, new_slices)
         else:
             gathered = new_slices
         for group, flat in zip(self._groups, gathered):
@@ -360,6 +367,10 @@ class ShardedAdam(keras.optimizers.Adam):
                     variable.value
                 )[replica]
                 local.assign(value)
+
+    def _all_gather(self, context, replica: int, slices: List[tf.Tensor]) -> List[tf.Tensor]:
+        """Every replica's slice, concatenated: ``[N · S]`` per group."""
+        return context.all_gather(slices, axis=0)
 
     def _update_slice(self, group, replica, grad_of, variables, learning_rate, decay):
         """Adam on this replica's slice of ``group``; returns the new parameter slice."""
