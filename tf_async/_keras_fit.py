@@ -81,3 +81,23 @@ class CheckpointedTensor(tf.__internal__.tracking.Trackable):
 
     def _restore_from_tensors(self, restored_tensors):
         return self._write_fn(restored_tensors["VARIABLE_VALUE"])
+
+
+def variable_shards(variable):
+    """Shards of a partitioned (``ShardedVariable``) variable, else ``None``.
+
+    Under ``ParameterServerStrategy(variable_partitioner=...)`` a Keras
+    Variable wraps a ``tensorflow.python.distribute.sharded_variable.
+    ShardedVariable`` (not public); it is recognised by its ``variables`` list
+    of per-parameter-server ``tf.Variable`` shards, split along axis 0.
+    """
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    if isinstance(variable, tf.Variable):
+        return None
+    shards = getattr(variable, "variables", None)
+    if isinstance(shards, (list, tuple)) and shards and all(
+        isinstance(s, tf.Variable) for s in shards
+    ):
+        return list(shards)
+    return None
