@@ -458,3 +458,23 @@ def allow_sharded_variable_updates(strategy) -> None:
         cls.__array__ = __array__
     if not hasattr(cls, "numpy"):
         cls.numpy = lambda self: tf.convert_to_tensor(self).numpy()
+
+
+def variable_shards(variable):
+    """Shards of a partitioned (``ShardedVariable``) variable, else ``None``.
+
+    Under ``ParameterServerStrategy(variable_partitioner=...)`` a Keras
+    Variable wraps a ``tensorflow.python.distribute.sharded_variable.
+    ShardedVariable`` (not public); it is recognised by its ``variables`` list
+    of per-parameter-server ``tf.Variable`` shards, split along axis 0.
+    """
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    if isinstance(variable, tf.Variable):
+        return None
+    shards = getattr(variable, "variables", None)
+    if isinstance(shards, (list, tuple)) and shards and all(
+        isinstance(s, tf.Variable) for s in shards
+    ):
+        return list(shards)
+    return None

@@ -269,6 +269,13 @@ class ShardedAdam(keras.optimizers.Adam):
 
         return write
 
+    def state_variables(self) -> List[tf.Variable]:
+        """Every variable holding optimizer state (per-replica slices included)."""
+        result = [v.value for v in self.variables]
+        for group in self._groups:
+            result.extend(group.slots.values())
+        return result
+
     def logical_state(self) -> List[np.ndarray]:
         """The unsharded optimizer state, as ``keras.optimizers.Adam.variables`` has it."""
         values = [np.asarray(v.numpy()) for v in self.variables]
@@ -298,15 +305,85 @@ class ShardedAdam(keras.optimizers.Adam):
         for j, slot in enumerate(self._logical_slots):
             slot._write_fn(tf.convert_to_tensor(store[str(len(own) + j)]))
 
+    # ------------------------------------------- parameter-server placement
+    def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
+        """A slot beside its variable; partitioned like it if the variable is."""
+        if _keras_fit.variable_shards(reference_variable) is None:
+            return super().add_variable_from_reference(
+                reference_variable, name=name, initializer=initializer
+            )
+        # Keras' colocation cannot take a ShardedVariable. Created in the
+        # strategy scope, the slot goes through the same variable_partitioner
+        # (same shape and dtype, so the same split, on the same servers).
+        path = getattr(reference_variable, "path", reference_variable.name)
+        return self.add_variable(
+            shape=reference_variable.shape,
+            initializer=initializer,
+            dtype=reference_variable.dtype,
+            name=f"{path.replace('/', '_')}_{name or 'var'}",
+        )
+
+    def _update_partitioned(self, gradient, variable, learning_rate) -> None:
+        """Keras Adam's update_step, run shard by shard on the parameter servers."""
+        shards = _keras_fit.variable_shards(variable)
+        index = self._get_variable_index(variable)
+        slots = [self._momentums[index], self._velocities[index]]
+        if self.amsgrad:
+            slots.append(self._velocity_hats[index])
+        slot_shards = [_keras_fit.variable_shards(s) for s in slots]
+        sizes = [int(s.shape[0]) for s in shards]
+        if any(ss is None or [int(x.shape[0]) for x in ss] != sizes for ss in slot_shards):
+            raise ValueError(
+                f"ShardedAdam: slots of {variable.path} are not partitioned like it."
+            )
+        dtype = variable.dtype
+        gradient = tf.convert_to_tensor(gradient)
+        pieces = tf.split(ops.cast(gradient, dtype), sizes, axis=0)
+        lr = ops.cast(learning_rate, dtype)
+        decay = self.weight_decay is not None and _keras_fit.uses_weight_decay(self, variable)
+        local_step = ops.cast(self.iterations + 1, dtype)
+        beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
+        beta_2_power = ops.power(ops.cast(self.beta_2, dtype), local_step)
+        alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        for i, (shard, g) in enumerate(zip(shards, pieces)):
+            m, v = slot_shards[0][i], slot_shards[1][i]
+            with tf.device(shard.device):
+                if decay:
+                    shard.assign_sub(shard * ops.cast(self.weight_decay, dtype) * lr)
+                m.assign_add(ops.multiply(ops.subtract(g, m), 1 - self.beta_1))
+                v.assign_add(ops.multiply(ops.subtract(ops.square(g), v), 1 - self.beta_2))
+                if self.amsgrad:
+                    v_hat = slot_shards[2][i]
+                    v_hat.assign(ops.maximum(v_hat, v))
+                    v = v_hat
+                shard.assign_sub(
+                    ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon))
+                )
+
     # ----------------------------------------------------------- the update
     def _apply_weight_decay(self, variables) -> None:
-        # Sharded mode folds the (decoupled) decay into the sliced update.
+        # Sharded mode folds the (decoupled) decay into the sliced update;
+        # partitioned PS variables get it in `_update_partitioned`.
         if self._mode != _MODE_SHARDED:
-            super()._apply_weight_decay(variables)
+            super()._apply_weight_decay(
+                [v for v in variables if _keras_fit.variable_shards(v) is None]
+            )
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate) -> None:
         if self._mode != _MODE_SHARDED:
-            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+            plain = [
+                (g, v)
+                for g, v in zip(grads, trainable_variables)
+                if _keras_fit.variable_shards(v) is None
+            ]
+            if plain:
+                super()._backend_update_step(
+                    [g for g, _ in plain], [v for _, v in plain], learning_rate
+                )
+            for g, v in zip(grads, trainable_variables):
+                if _keras_fit.variable_shards(v) is not None:
+                    self._update_partitioned(g, v, learning_rate)
+            return
         context = tf.distribute.get_replica_context()
         if context is None:
             # Cross-replica `apply` (gradients already total): run every replica.
@@ -345,7 +422,7 @@ class ShardedAdam(keras.optimizers.Adam):
                 self._update_slice(group, replica, grad_of, variables, learning_rate, decay)
             )
         if num_shards > 1:
-            gathered = context.all_gather(new_slices, axis=0)
+            gathered = self._all_gather(context, replica, new_slices)
         else:
             gathered = new_slices
         for group, flat in zip(self._groups, gathered):
@@ -360,6 +437,10 @@ class ShardedAdam(keras.optimizers.Adam):
                     variable.value
                 )[replica]
                 local.assign(value)
+
+    def _all_gather(self, context, replica: int, slices: List[tf.Tensor]) -> List[tf.Tensor]:
+        """Every replica's slice, concatenated: ``[N · S]`` per group."""
+        return context.all_gather(slices, axis=0)
 
     def _update_slice(self, group, replica, grad_of, variables, learning_rate, decay):
         """Adam on this replica's slice of ``group``; returns the new parameter slice."""

@@ -1,0 +1,173 @@
+"""Benchmark: ShardedAdam (ZeRO-1) vs keras.optimizers.Adam under MirroredStrategy.
+
+For each replica count N (a separate process per N, its CPU split into N
+logical devices, default MirroredStrategy), measures in the same run:
+
+* exact optimizer-state bytes per replica device: every component of every
+  optimizer variable (iterations and learning rate included), summed by the
+  device it lives on; the per-replica figure is the maximum over devices;
+* train-step time of ``model.fit`` with each optimizer, interleaved
+  (Adam, ShardedAdam, Adam, ...), median over rounds.
+
+Limit for the state: 2P/N bytes (P = parameter bytes: m and v split N ways).
+
+Prints one row per N, then ``step_time_over_adam: R`` (worst N) and, last,
+``state_bytes_over_limit: R`` (worst N). Goals: <= 1.10 and <= 1.01.
+
+    python benchmarks/sharded_adam.py --quick      # under 2 minutes
+    python benchmarks/sharded_adam.py              # bigger model, more rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _child(num_replicas: int, width: int, depth: int, steps: int, rounds: int) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_replicas
+    )
+    import keras
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    from tf_async.keras_optimizers import ShardedAdam
+
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    strategy = tf.distribute.MirroredStrategy(devices)
+    global_batch = 8 * num_replicas
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(global_batch * steps, width)).astype("float32")
+    y = rng.normal(size=(global_batch * steps, width)).astype("float32")
+
+    def build(make_optimizer):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            layers = [keras.Input((width,))]
+            # +3 units on the first layer: sizes that do not divide N.
+            layers += [keras.layers.Dense(width + 3, activation="relu")]
+            layers += [keras.layers.Dense(width, activation="relu") for _ in range(depth - 2)]
+            layers += [keras.layers.Dense(width)]
+            model = keras.Sequential(layers)
+            optimizer = make_optimizer()
+            model.compile(optimizer=optimizer, loss="mse")
+        return model, optimizer
+
+    runs = {
+        "adam": build(lambda: keras.optimizers.Adam(1e-3)),
+        "sharded": build(lambda: ShardedAdam(1e-3)),
+    }
+    param_bytes = sum(
+        int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size
+        for v in runs["adam"][0].trainable_weights
+    )
+
+    def fit_once(name):
+        model, _ = runs[name]
+        start = time.perf_counter()
+        model.fit(x, y, batch_size=global_batch, epochs=1, shuffle=False, verbose=0)
+        return (time.perf_counter() - start) / steps
+
+    for name in runs:  # trace + warm up
+        fit_once(name)
+        fit_once(name)
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name in runs:
+            times[name].append(fit_once(name))
+
+    def state_bytes(name) -> dict:
+        _, optimizer = runs[name]
+        if isinstance(optimizer, ShardedAdam):
+            variables = optimizer.state_variables()
+        else:
+            variables = [v.value for v in optimizer.variables]
+        per_device: dict = {}
+        for variable in variables:
+            for component in strategy.experimental_local_results(variable):
+                size = int(np.prod(component.shape)) * component.dtype.size
+                device = tf.DeviceSpec.from_string(component.device).to_string()
+                per_device[device] = per_device.get(device, 0) + size
+        return per_device
+
+    result = {"N": num_replicas, "param_bytes": param_bytes}
+    for name in runs:
+        per_device = state_bytes(name)
+        result[f"{name}_state_bytes_per_replica"] = max(per_device.values())
+        result[f"{name}_state_devices"] = len(per_device)
+        result[f"{name}_step_s"] = float(np.median(times[name]))
+    # Both optimizers must have trained to the same weights (sanity).
+    a, b = runs["adam"][0], runs["sharded"][0]
+    result["max_weight_diff"] = max(
+        float(np.max(np.abs(u.numpy() - w.numpy())))
+        for u, w in zip(a.trainable_weights, b.trainable_weights)
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small model, < 2 minutes")
+    parser.add_argument("--replicas", default=None, help="comma list, default 2,4,8")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--depth", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args()
+    width = args.width or (256 if args.quick else 1024)
+    depth = args.depth or 4
+    steps = args.steps or (8 if args.quick else 20)
+    rounds = args.rounds or (3 if args.quick else 9)
+
+    if args.child is not None:
+        print("RESULT " + json.dumps(_child(args.child, width, depth, steps, rounds)))
+        return
+
+    replicas = [int(n) for n in (args.replicas or "2,4,8").split(",")]
+    results = []
+    for n in replicas:
+        command = [
+            sys.executable, os.path.abspath(__file__), "--child", str(n),
+            "--width", str(width), "--depth", str(depth),
+            "--steps", str(steps), "--rounds", str(rounds),
+        ]
+        output = subprocess.run(command, capture_output=True, text=True, check=False)
+        lines = [l for l in output.stdout.splitlines() if l.startswith("RESULT ")]
+        if output.returncode != 0 or not lines:
+            sys.stderr.write(output.stderr[-3000:])
+            raise SystemExit(f"child for N={n} failed (exit {output.returncode})")
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+
+    print(f"model: {depth} Dense layers, width {width}; P = {results[0]['param_bytes']} bytes")
+    print("N  adam_state/replica  sharded_state/replica  limit(2P/N)  sharded/limit"
+          "  adam_step_ms  sharded_step_ms  ratio  max|dw|")
+    worst_state, worst_time = 0.0, 0.0
+    for r in results:
+        limit = 2 * r["param_bytes"] / r["N"]
+        state_ratio = r["sharded_state_bytes_per_replica"] / limit
+        time_ratio = r["sharded_step_s"] / r["adam_step_s"]
+        worst_state, worst_time = max(worst_state, state_ratio), max(worst_time, time_ratio)
+        print(
+            f"{r['N']:<2} {r['adam_state_bytes_per_replica']:>18} "
+            f"{r['sharded_state_bytes_per_replica']:>22} {limit:>12.0f} {state_ratio:>14.5f}"
+            f"  {1e3 * r['adam_step_s']:>12.2f} {1e3 * r['sharded_step_s']:>16.2f}"
+            f"  {time_ratio:>5.3f}  {r['max_weight_diff']:.1e}"
+        )
+    print(f"step_time_over_adam: {worst_time:.3f}")
+    print(f"state_bytes_over_limit: {worst_state:.5f}")
+
+
+if __name__ == "__main__":
+    main()
