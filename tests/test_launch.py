@@ -63,11 +63,18 @@ def test_build_cluster_validation():
 
 
 def test_each_task_gets_its_tf_config_and_prefixed_logs(tmp_path):
-    script = _script(tmp_path, """
-        import json, os
+    script = _script(tmp_path, f"""
+        import json, os, pathlib, time
         config = json.loads(os.environ["TF_CONFIG"])
         print("role", config["task"]["type"], config["task"]["index"],
-              os.environ["TF_ASYNC_TASK"], json.dumps(config["cluster"], sort_keys=True))
+              os.environ["TF_ASYNC_TASK"], json.dumps(config["cluster"], sort_keys=True),
+              flush=True)
+        done = pathlib.Path({str(tmp_path)!r})
+        (done / os.environ["TF_ASYNC_TASK"].replace(":", "_")).touch()
+        if config["task"]["type"] == "chief":  # the chief's end stops the others: wait
+            deadline = time.monotonic() + 60
+            while len(list(done.glob("worker_*"))) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
     """)
     result = _run_launcher(["--workers", "2", "--chief", "--", script])
     assert result.returncode == 0, result.stdout + result.stderr
