@@ -25,7 +25,6 @@ from typing import Optional
 
 import keras
 import tensorflow as tf
-from keras import ops
 
 from tf_async import _keras_fit, staleness
 
