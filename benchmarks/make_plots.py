@@ -37,11 +37,11 @@ def _loss_curve(kind: str, workers: int, steps: int, every: int, lam: float = 0.
     import keras
     import tensorflow as tf
 
-    import _data
+    import example_data
     from tf_async.keras_optimizers import DCSGD, DCAdam
     from tf_async.strategies import SimulatedAsyncStrategy
 
-    x_train, y_train, _, _, _ = _data.load_digits()
+    x_train, y_train, _, _, _ = example_data.load_digits()
     keras.utils.set_random_seed(0)
     strategy = (SimulatedAsyncStrategy(workers, "round_robin") if workers > 1
                 else tf.distribute.OneDeviceStrategy("/cpu:0"))

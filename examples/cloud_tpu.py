@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 
-import _data  # noqa: E402
+import example_data  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("tpu", "local_cpu_test",
@@ -70,9 +70,9 @@ def main(argv):
     import tf_async
 
     if FLAGS.dataset == "mnist":
-        x_train, y_train, x_test, y_test, name = _data.load_mnist(FLAGS.data_dir)
+        x_train, y_train, x_test, y_test, name = example_data.load_mnist(FLAGS.data_dir)
     else:
-        x_train, y_train, x_test, y_test, name = _data.load_digits()
+        x_train, y_train, x_test, y_test, name = example_data.load_digits()
     print(f"dataset: {name} ({len(x_train)} train / {len(x_test)} test)")
 
     strategy = base_strategy()

@@ -21,8 +21,8 @@ import numpy as np
 Arrays = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]
 
 
-def load_digits(flatten: bool = True) -> Arrays:
-    """scikit-learn's handwritten digits, 80/20 split, scaled to [0, 1]."""
+def load_digits(flatten: bool = True, train_fraction: float = 0.8, seed: int = 0) -> Arrays:
+    """scikit-learn's handwritten digits, shuffled with ``seed``, scaled to [0, 1]."""
     from sklearn.datasets import load_digits as sk_load_digits
 
     data = sk_load_digits()
@@ -30,20 +30,20 @@ def load_digits(flatten: bool = True) -> Arrays:
     if not flatten:
         x = x.reshape(-1, 8, 8, 1)
     y = data.target.astype("int32")
-    order = np.random.default_rng(0).permutation(len(x))
+    order = np.random.default_rng(seed).permutation(len(x))
     x, y = x[order], y[order]
-    split = int(0.8 * len(x))
+    split = int(train_fraction * len(x))
     return x[:split], y[:split], x[split:], y[split:], "digits"
 
 
-def _load_tfds(name: str, data_dir: Optional[str]):
+def _load_tfds(name: str, data_dir: Optional[str], download: bool = True):
     import tensorflow_datasets as tfds
 
     splits = []
     for split in ("train", "test"):
         images, labels = tfds.as_numpy(
             tfds.load(name, split=split, batch_size=-1, as_supervised=True,
-                      data_dir=data_dir, download=True)
+                      data_dir=data_dir, download=download)
         )
         splits.append((images.astype("float32") / 255.0, labels.astype("int32")))
     (x_train, y_train), (x_test, y_test) = splits
@@ -59,13 +59,19 @@ def _explain_fallback(name: str, error: Exception, fallback: str) -> None:
     )
 
 
-def load_mnist(data_dir: Optional[str] = None) -> Arrays:
-    """MNIST (flattened 784 floats); falls back to ``digits`` when offline."""
+def load_mnist(
+    data_dir: Optional[str] = None, download: bool = True, **digits_kwargs
+) -> Arrays:
+    """MNIST (flattened 784 floats); falls back to ``digits`` when it cannot load.
+
+    ``download=False`` uses only a copy already on disk. ``digits_kwargs`` go to
+    ``load_digits`` for the fallback.
+    """
     try:
-        x_train, y_train, x_test, y_test = _load_tfds("mnist", data_dir)
+        x_train, y_train, x_test, y_test = _load_tfds("mnist", data_dir, download)
     except Exception as error:  # noqa: BLE001 - any download/prepare failure
         _explain_fallback("MNIST", error, "--dataset=digits (scikit-learn handwritten digits)")
-        return load_digits()
+        return load_digits(**digits_kwargs)
     flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
     return flat(x_train), y_train, flat(x_test), y_test, "mnist"
 
