@@ -89,7 +89,6 @@ class _Runtime:
         self.slots: Dict[int, List[tf.Variable]] = {}
         self.trainable: List[tf.Variable] = []  # created in scope, in order
         self.groups: Dict[Tuple[int, ...], _SyncGroup] = {}
-        self.collective_calls = 0  # trace-time count of packed all-reduces built
 
 
 class _LocalUpdateExtendedMixin(_keras_fit.LocalUpdateExtendedSeams):
@@ -356,6 +355,13 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
         runtime = self._lu_runtime
         key = tuple(_keras_fit.variable_key(v) for v in params)
         if key not in runtime.groups:
+            for v in params:
+                if v.dtype not in (tf.float32, tf.float16, tf.bfloat16):
+                    raise TypeError(
+                        "LocalUpdateStrategy averages variables packed as float32; "
+                        f"variable {v.name!r} has dtype {v.dtype.name} (supported: "
+                        "float32, float16, bfloat16)."
+                    )
             slots: List[tf.Variable] = []
             if self.average_optimizer_state:
                 for k in key:
@@ -417,7 +423,6 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
                     )
                 )
         packed = _keras_fit.per_replica(flats)
-        self._lu_runtime.collective_calls += 1
         # The one collective (batch_reduce_to uses the strategy's configured
         # cross-device ops; MirroredExtended.reduce_to bypasses them on CPU).
         (mean,) = self.extended.batch_reduce_to(
