@@ -378,6 +378,7 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
                 )
                 averager.build(initial, self)
             runtime.groups[key] = _SyncGroup(params, slots, averager)
+            self._sync_function = None  # retrace `synchronize` for the new group
             if self._checkpoint_module is not None:  # deferred restoration
                 self._attach_checkpoint_state()
         return runtime.groups[key]
