@@ -31,6 +31,19 @@ How (Keras 3.15 + tf.distribute):
   ``model.save`` / ``get_weights`` after ``fit`` see the averaged model.
   ``strategy.synchronize()`` forces a sync at any time.
 
+Limitations (Keras 3.15 / TF 2.21):
+
+* ``train_on_batch`` resets metrics eagerly on every call, which flushes:
+  it synchronises after every call. Use ``fit`` for local SGD.
+* A callback that saves every N batches mid-period (``ModelCheckpoint``
+  with an integer ``save_freq``) writes replica 0's weights; use
+  ``strategy.checkpoint()`` in a ``tf.train.Checkpoint`` for exact resume.
+* Only trainable variables (and, optionally, their optimizer slots) are
+  local; non-trainable ones keep the base strategy's behaviour.
+* TPUStrategy is supported by construction but untested here (no TPU); the
+  periodic sync runs in the step's graph but outside the replicated
+  computation.
+
 The base strategy object itself becomes the local-update strategy (its class
 is swapped for a subclass that also derives from ``LocalUpdateStrategy``), so
 ``isinstance(strategy, tf.distribute.MirroredStrategy)`` etc. still hold and
