@@ -105,7 +105,9 @@ def test_local_update_extended_private_methods_exist():
 
 
 def test_local_update_keras_step_functions_are_recognised(logical_devices):
-    strategy = tf.distribute.MirroredStrategy(logical_devices[:1])
+    strategy = tf.distribute.MirroredStrategy(
+        logical_devices[:1], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
     seen = []
     original_run = strategy.run
 

@@ -1,4 +1,12 @@
-"""LocalUpdateStrategy over MirroredStrategy (4 logical CPU devices)."""
+"""LocalUpdateStrategy over MirroredStrategy (4 logical CPU devices).
+
+Every MirroredStrategy here uses ``ReductionToOneDevice``: with the default
+``CollectiveAllReduce``, two MirroredStrategy objects over the same devices in
+one process share collective group/instance keys, and a second model with
+other shapes aborts with "Shape mismatch in the collective instance 100"
+(stock TF 2.21, with or without tf_async). The collective path is exercised by
+the 2-process MultiWorkerMirrored test and the benchmark.
+"""
 
 import keras
 import numpy as np
@@ -48,8 +56,14 @@ def _spread(strategy, model):
     )
 
 
+def _mirrored(devices):
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
 def _local(devices, **kwargs):
-    return LocalUpdateStrategy(tf.distribute.MirroredStrategy(devices), **kwargs)
+    return LocalUpdateStrategy(_mirrored(devices), **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +81,7 @@ def test_h1_mean_equals_synchronous_mirrored(logical_devices, optimizer, average
     too (momentum is linear in the gradient). Adam is not: it is excluded.
     """
     x, y = _data()
-    sync = _model(tf.distribute.MirroredStrategy(logical_devices), optimizer)
+    sync = _model(_mirrored(logical_devices), optimizer)
     sync.fit(x, y, batch_size=BATCH * 4, epochs=4, shuffle=False, verbose=0)  # 20 steps
     strategy = _local(logical_devices, sync_every=1, average_optimizer_state=average_state)
     local = _model(strategy, optimizer)
@@ -82,7 +96,7 @@ def test_h1_mean_equals_synchronous_mirrored(logical_devices, optimizer, average
 def test_h1_with_local_adam_state_differs_from_sync(logical_devices):
     """Honesty check: Adam's update is not linear in g, so H=1 != sync Adam."""
     x, y = _data()
-    sync = _model(tf.distribute.MirroredStrategy(logical_devices), lambda: "adam")
+    sync = _model(_mirrored(logical_devices), lambda: "adam")
     sync.fit(x, y, batch_size=BATCH * 4, epochs=1, shuffle=False, verbose=0)
     local = _model(_local(logical_devices, sync_every=1), lambda: "adam")
     local.fit(x, y, batch_size=BATCH * 4, epochs=1, shuffle=False, verbose=0)
@@ -143,7 +157,7 @@ def test_evaluate_and_predict_see_the_average(logical_devices):
     assert _spread(strategy, model) > 1e-6
     mean = [np.mean(c, axis=0) for c in _components(strategy, model)]
 
-    reference = _model(tf.distribute.MirroredStrategy(logical_devices[:1]), lambda: "sgd")
+    reference = _model(_mirrored(logical_devices[:1]), lambda: "sgd")
     reference.set_weights(mean)
     expected = reference.predict(x, batch_size=128, verbose=0)
 
@@ -234,7 +248,7 @@ def test_easgd_strategy_pulls_replicas_towards_centre(logical_devices):
     model.fit(x[:512], y[:512], batch_size=128, epochs=1, shuffle=False, verbose=0)
     (group,) = strategy._lu_runtime.groups.values()
     centre = group.averager.centre.numpy()
-    initial = _model(tf.distribute.MirroredStrategy(logical_devices[:1]), lambda: "sgd")
+    initial = _model(_mirrored(logical_devices[:1]), lambda: "sgd")
     start = np.concatenate([w.ravel() for w in initial.get_weights()])
     assert np.abs(centre - start).max() > 1e-4  # the centre moved
     # Elastic, not exact, averaging: replicas stay apart after a sync.
@@ -244,7 +258,7 @@ def test_easgd_strategy_pulls_replicas_towards_centre(logical_devices):
 
 def test_bad_input_raises_value_error(logical_devices):
     def base():
-        return tf.distribute.MirroredStrategy(logical_devices)
+        return _mirrored(logical_devices)
 
     with pytest.raises(ValueError, match="sync_every"):
         LocalUpdateStrategy(base(), sync_every=0)

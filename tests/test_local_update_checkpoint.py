@@ -19,7 +19,13 @@ def _setup(devices, averaging):
     kwargs = {"averaging": averaging}
     if averaging == "diloco":
         kwargs.update(outer_learning_rate=0.8, outer_momentum=0.5)
-    strategy = LocalUpdateStrategy(tf.distribute.MirroredStrategy(devices), sync_every=4, **kwargs)
+    strategy = LocalUpdateStrategy(
+        tf.distribute.MirroredStrategy(
+            devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+        ),
+        sync_every=4,
+        **kwargs,
+    )
     with strategy.scope():
         keras.utils.set_random_seed(5)
         model = keras.Sequential(

@@ -31,6 +31,19 @@ How (Keras 3.15 + tf.distribute):
   ``model.save`` / ``get_weights`` after ``fit`` see the averaged model.
   ``strategy.synchronize()`` forces a sync at any time.
 
+Limitations (Keras 3.15 / TF 2.21):
+
+* ``train_on_batch`` resets metrics eagerly on every call, which flushes:
+  it synchronises after every call. Use ``fit`` for local SGD.
+* A callback that saves every N batches mid-period (``ModelCheckpoint``
+  with an integer ``save_freq``) writes replica 0's weights; use
+  ``strategy.checkpoint()`` in a ``tf.train.Checkpoint`` for exact resume.
+* Only trainable variables (and, optionally, their optimizer slots) are
+  local; non-trainable ones keep the base strategy's behaviour.
+* TPUStrategy is supported by construction but untested here (no TPU); the
+  periodic sync runs in the step's graph but outside the replicated
+  computation.
+
 The base strategy object itself becomes the local-update strategy (its class
 is swapped for a subclass that also derives from ``LocalUpdateStrategy``), so
 ``isinstance(strategy, tf.distribute.MirroredStrategy)`` etc. still hold and
@@ -89,7 +102,6 @@ class _Runtime:
         self.slots: Dict[int, List[tf.Variable]] = {}
         self.trainable: List[tf.Variable] = []  # created in scope, in order
         self.groups: Dict[Tuple[int, ...], _SyncGroup] = {}
-        self.collective_calls = 0  # trace-time count of packed all-reduces built
 
 
 class _LocalUpdateExtendedMixin(_keras_fit.LocalUpdateExtendedSeams):
@@ -356,6 +368,13 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
         runtime = self._lu_runtime
         key = tuple(_keras_fit.variable_key(v) for v in params)
         if key not in runtime.groups:
+            for v in params:
+                if v.dtype not in (tf.float32, tf.float16, tf.bfloat16):
+                    raise TypeError(
+                        "LocalUpdateStrategy averages variables packed as float32; "
+                        f"variable {v.name!r} has dtype {v.dtype.name} (supported: "
+                        "float32, float16, bfloat16)."
+                    )
             slots: List[tf.Variable] = []
             if self.average_optimizer_state:
                 for k in key:
@@ -372,6 +391,7 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
                 )
                 averager.build(initial, self)
             runtime.groups[key] = _SyncGroup(params, slots, averager)
+            self._sync_function = None  # retrace `synchronize` for the new group
             if self._checkpoint_module is not None:  # deferred restoration
                 self._attach_checkpoint_state()
         return runtime.groups[key]
@@ -417,7 +437,6 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
                     )
                 )
         packed = _keras_fit.per_replica(flats)
-        self._lu_runtime.collective_calls += 1
         # The one collective (batch_reduce_to uses the strategy's configured
         # cross-device ops; MirroredExtended.reduce_to bypasses them on CPU).
         (mean,) = self.extended.batch_reduce_to(
