@@ -1,0 +1,86 @@
+"""Every example runs end to end in a quick mode, so none of them can rot.
+
+Each run is a fresh subprocess (parameter-server runs connect to a cluster) on
+the offline datasets, a few steps only; the assertion is on the example's own
+final ``test_accuracy:`` line (and on resume / staleness output where relevant).
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["--epochs=2", "--steps_per_epoch=15", "--batch_size=32"]
+
+
+def _run(script, *flags, timeout=300):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TF_CONFIG", None)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", script), *flags],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    match = re.search(r"^test_accuracy: ([0-9.]+)$", result.stdout, re.M)
+    assert match, output[-4000:]
+    return float(match.group(1)), result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, extra", [
+    ("async_ps", ["--workers=2", "--ps=1"]),
+    ("local_sgd", ["--cpu_devices=2", "--sync_every=4"]),
+    ("sharded", ["--cpu_devices=2"]),
+    ("simulated", ["--workers=4", "--optimizer=dcadam"]),
+    ("sync", ["--cpu_devices=2"]),
+])
+def test_mnist_example_modes(mode, extra):
+    accuracy, out = _run("mnist.py", f"--mode={mode}", "--dataset=digits", *QUICK, *extra)
+    assert accuracy > 0.3, out  # 10 classes: chance is 0.1
+    if mode in ("async_ps", "simulated"):
+        assert re.search(r"^staleness_max: ", out, re.M), out
+    if mode == "local_sgd":
+        assert re.search(r"^local_divergence: ", out, re.M), out
+
+
+@pytest.mark.slow
+def test_mnist_example_checkpoint_and_resume(tmp_path):
+    flags = ["--mode=async_ps", "--dataset=digits", "--epochs=1", "--steps_per_epoch=10",
+             f"--model_dir={tmp_path}"]
+    _run("mnist.py", *flags)
+    assert list((tmp_path / "ckpt").glob("ckpt-*.index")), "no checkpoint written"
+    assert (tmp_path / "logs").is_dir(), "no TensorBoard logs"
+    _, out = _run("mnist.py", *flags, "--resume")
+    assert re.search(r"resumed from .*ckpt-1 at epoch 1 \(optimizer step 10\)", out), out
+    assert "Epoch 2/2" in out
+
+
+@pytest.mark.slow
+def test_cifar10_example_offline_synthetic():
+    accuracy, out = _run("cifar10.py", "--mode=async_ps", "--dataset=synthetic", "--width=8",
+                         "--epochs=1", "--steps_per_epoch=5", "--batch_size=16")
+    assert "synthetic" in out
+    assert 0.0 <= accuracy <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["local_sgd", "sharded"])
+def test_cloud_tpu_example_on_cpu_stand_in(mode):
+    accuracy, out = _run("cloud_tpu.py", "--tpu=local_cpu_test", f"--mode={mode}",
+                         "--dataset=digits", *QUICK)
+    assert "jit_compile=True" in out
+    assert accuracy > 0.3, out
+
+
+def test_example_rejects_unknown_mode():
+    env = dict(os.environ, PYTHONPATH=REPO)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "mnist.py"), "--mode=bogus"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "--mode" in result.stderr and "bogus" in result.stderr
