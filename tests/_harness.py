@@ -28,6 +28,35 @@ def split_cpu(count: int = NUM_LOGICAL_DEVICES) -> None:
             raise
 
 
+class _FreshCollectiveKeyBase:
+    """A class attribute whose every read is a new collective-key base.
+
+    Each ``MirroredStrategy`` / ``MultiWorkerMirroredStrategy`` starts its
+    collective group and instance keys from ``1 + _collective_key_base``; two
+    strategies over the same devices in one process therefore reuse keys, and
+    TF aborts every collective in the process ("Shape mismatch in the
+    collective instance 100") once their models differ. TF's own tests bump
+    the base by 100000 per strategy (``strategy_combinations.py``); this does
+    the same at every construction.
+    """
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def __get__(self, obj, owner) -> int:
+        self._next += 100000
+        return self._next
+
+
+def give_each_strategy_its_own_collective_keys() -> None:
+    from tensorflow.python.distribute import collective_all_reduce_strategy, mirrored_strategy
+
+    for cls in (mirrored_strategy.MirroredStrategy,
+                collective_all_reduce_strategy.CollectiveAllReduceStrategy):
+        if not isinstance(cls.__dict__.get("_collective_key_base"), _FreshCollectiveKeyBase):
+            cls._collective_key_base = _FreshCollectiveKeyBase()
+
+
 def _child(result_queue, fn, args, kwargs) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:

@@ -2,6 +2,9 @@
 
 * The CPU is split into ``NUM_LOGICAL_DEVICES`` logical devices before
   TensorFlow initialises, so ``MirroredStrategy()`` has 4 replicas here.
+* Every MirroredStrategy / MultiWorkerMirroredStrategy built in the test
+  process gets its own collective keys (``_harness``): stock TF reuses them
+  across strategies on the same devices, which aborts collectives.
 * ``fresh_process`` runs a module-level function in a spawned Python process:
   a process that connected to a parameter-server cluster cannot disconnect, so
   every cluster test runs in its own process (DESIGN.md §5). The child builds
@@ -23,6 +26,7 @@ from tests import _harness  # noqa: E402
 NUM_LOGICAL_DEVICES = _harness.NUM_LOGICAL_DEVICES
 
 _harness.split_cpu(NUM_LOGICAL_DEVICES)
+_harness.give_each_strategy_its_own_collective_keys()
 
 
 @pytest.fixture
