@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_async import _keras_fit, staleness
@@ -266,9 +267,36 @@ class TrainStep:
             counters.version.assign_add(tf.constant(1, tf.int64))
 
     def _update_metrics(self, x, y, y_pred, loss, sample_weight):
+        """Keras' metric updates, applied as atomic additions on the PS.
+
+        The updates run in a ``StatelessScope`` with every metric variable
+        mapped to zero, so what they would write is this step's contribution
+        (Keras' metric states are sums and counts: ``Mean`` total/count,
+        confusion-matrix counts, ...). Contributions are concatenated per
+        parameter server (one transfer) and added there with
+        ``AssignAddVariableOp``: concurrent workers never lose an update, even
+        for metrics whose Keras code is ``assign(v + x)`` (e.g. Precision, AUC).
+        """
         model = self.model
+        variables = list(model.metrics_variables)
         batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
-        _keras_fit.loss_tracker(model).update_state(loss, sample_weight=batch)
-        metrics = _keras_fit.compile_metrics(model)
-        if metrics is not None:
-            metrics.update_state(y, y_pred, sample_weight=sample_weight)
+        zeros = [(v, tf.zeros(v.shape, v.dtype)) for v in variables]
+        with keras.StatelessScope(state_mapping=zeros) as scope:
+            _keras_fit.loss_tracker(model).update_state(loss, sample_weight=batch)
+            metrics = _keras_fit.compile_metrics(model)
+            if metrics is not None:
+                metrics.update_state(y, y_pred, sample_weight=sample_weight)
+        groups: dict = {}
+        for v in variables:
+            delta = scope.get_current_value(v)
+            if delta is None:
+                continue
+            target = v.value  # the tf.Variable (or ShardedVariable) on the PS
+            key = (getattr(target, "device", ""), target.dtype)
+            groups.setdefault(key, []).append((target, tf.cast(delta, target.dtype)))
+        for (device, _), pairs in groups.items():
+            flat = tf.concat([tf.reshape(d, [-1]) for _, d in pairs], axis=0)
+            with tf.device(device or None):
+                parts = tf.split(flat, [int(np.prod(t.shape)) for t, _ in pairs])
+                for (target, _), part in zip(pairs, parts):
+                    target.assign_add(tf.reshape(part, target.shape), read_value=False)
