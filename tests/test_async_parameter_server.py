@@ -138,6 +138,10 @@ def _child_core_fit():
     results["numpy_steps"] = int(model.optimizer.iterations.numpy()) - 260
     evaluated = model.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
     predicted = model.predict(x, batch_size=64, verbose=0)
+    with strategy.scope():  # also inside the scope (TF forbids nested scopes)
+        in_scope = model.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
+        results["predict_in_scope_shape"] = model.predict(x[:5], verbose=0).shape
+    results["evaluate_in_scope_loss"] = in_scope["loss"]
     reference = _model()
     reference.set_weights(model.get_weights())
     probabilities = reference.predict(x, verbose=0)
@@ -215,6 +219,8 @@ def test_fit_evaluate_predict_exact_counting_and_staleness(fresh_process):
     assert r["evaluate_loss"] == pytest.approx(r["reference_loss"], rel=1e-5)
     assert r["evaluate_accuracy"] == pytest.approx(r["reference_accuracy"])
     assert r["predict_max_diff"] < 1e-6
+    assert r["evaluate_in_scope_loss"] == pytest.approx(r["evaluate_loss"], rel=1e-6)
+    assert r["predict_in_scope_shape"] == (5, 2)
     assert r["lr0_fit_loss"] == pytest.approx(r["lr0_eval_loss"], rel=1e-5)
     assert r["lr0_fit_accuracy"] == pytest.approx(r["lr0_eval_accuracy"], rel=1e-6)
     assert r["lr0_fit_iou"] == pytest.approx(r["lr0_eval_iou"], rel=1e-6)

@@ -237,7 +237,8 @@ def run_on_chief(strategy, model, original, *args, **kwargs):
         setattr(model, name, cached.get(name))
     _keras_fit.set_model_strategy(model, _keras_fit.default_strategy())
     try:
-        return original(*args, **kwargs)
+        with _keras_fit.outside_strategy_scopes():
+            return original(*args, **kwargs)
     finally:
         _keras_fit.set_model_strategy(model, strategy)
         for name in ("test_function", "predict_function"):
