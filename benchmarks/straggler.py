@@ -88,7 +88,6 @@ def main() -> None:
     import tensorflow as tf
 
     import tf_async
-    from tf_async import _keras_fit
 
     strategy = tf_async.strategies.AsyncParameterServerStrategy(
         tf_async.local_cluster(workers=WORKERS, ps=1)
@@ -183,7 +182,6 @@ def _timed(fn) -> float:
 
 def _run_tf_keras_child(args, steps: int) -> float:
     import subprocess
-    import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))

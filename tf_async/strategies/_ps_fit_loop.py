@@ -39,7 +39,7 @@ def _floats(logs: dict) -> dict:
 def _element_spec(source, strategy):
     if isinstance(source, tf.data.Dataset):
         return source.element_spec
-    if _ps_data._takes_input_context(source):
+    if _ps_data.takes_input_context(source):
         dataset = source(
             tf.distribute.InputContext(
                 num_input_pipelines=strategy.num_workers, input_pipeline_id=0

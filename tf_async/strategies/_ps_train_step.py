@@ -11,7 +11,9 @@ Per step, on a worker (all state lives on the parameter servers):
    published through :func:`tf_async.staleness.publish` around
    ``optimizer.apply`` so compensating optimizers (DC-ASGD, DC-Adam,
    staleness-scaled) see them;
-5. the version counter is incremented, the step id is marked done.
+5. Keras' metric updates (loss tracker, compiled metrics) are computed as this
+   step's contribution and added atomically on the PS; the step id is marked
+   done (and, under SSP, the version advanced) once the apply has finished.
 
 Fully asynchronous (``max_staleness=None``): the ticket is the atomic
 fetch-and-increment of the version (``ResourceCountUpTo``), τ = ticket − v_read,
@@ -28,6 +30,10 @@ step has τ ≤ k, and k = 0 is sequential (synchronous) SGD.
 Exactly-once accounting: each scheduled step carries a step id; a step whose id
 is already marked done (a closure retried by the coordinator after a worker
 failure, whose first attempt did complete on the parameter server) is skipped.
+Remaining window: a worker lost between taking its ticket and its gradients
+reaching the PS leaves a version increment without an update (the retry then
+counts once more). Under SSP a worker lost while holding its turn stalls the
+ticket lock: bounded staleness is not worker-failure tolerant.
 """
 
 from __future__ import annotations
