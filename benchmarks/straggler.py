@@ -12,6 +12,13 @@ slower than the others. On the same cluster and model we measure steps/s of:
 Prints `fit_over_hand_loop_throughput: R` (goal >= 0.9) and, last,
 `async_over_sync_throughput: R` (fit vs sync; goal >= 4).
 
+With `--tf_keras_python PYTHON` (a Python whose environment has `tf_keras`,
+e.g. /work/venv-tfkeras/bin/python) it also times tf-keras' own
+ParameterServerStrategy `model.fit` (DatasetCreator) in a child process on an
+identical local cluster and prints `fit_over_tf_keras_fit_throughput: R`.
+tf-keras gives every worker the same InputContext under PSS, so the straggler
+cannot be injected there: that comparison runs both fits without the delay.
+
     python benchmarks/straggler.py --quick
 """
 
@@ -67,15 +74,20 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="async steps measured")
     parser.add_argument("--rounds", type=int, default=None, help="sync rounds measured")
+    parser.add_argument("--tf_keras_python", default=None,
+                        help="Python with tf_keras installed: also time tf-keras' PSS fit")
+    parser.add_argument("--tf_keras_child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     steps = args.steps or (600 if args.quick else 3000)
     rounds = args.rounds or (60 if args.quick else 300)
+    if args.tf_keras_child:
+        tf_keras_child(steps, args.batch_size, 2 if args.quick else 3)
+        return
 
     import keras
     import tensorflow as tf
 
     import tf_async
-    from tf_async import _keras_fit
 
     strategy = tf_async.strategies.AsyncParameterServerStrategy(
         tf_async.local_cluster(workers=WORKERS, ps=1)
@@ -148,7 +160,66 @@ def main() -> None:
     print(f"fit_staleness_mean: {model.history.history['staleness_mean'][-1]:.2f}")
     print(f"hand_loop_over_sync_throughput: {best['hand_loop'] / best['sync']:.2f}")
     print(f"fit_over_hand_loop_throughput: {best['fit'] / best['hand_loop']:.2f}")
+    if args.tf_keras_python:
+        # Same model and cluster shape, no straggler (see module docstring).
+        no_delay_fn = make_dataset_fn(0, args.batch_size)
+        ours = max(
+            steps / _timed(lambda: model.fit(no_delay_fn, epochs=1, steps_per_epoch=steps,
+                                             verbose=0))
+            for _ in range(repeats))
+        theirs = _run_tf_keras_child(args, steps)
+        print(f"fit_no_straggler_steps_per_s: {ours:.1f}")
+        print(f"tf_keras_fit_no_straggler_steps_per_s: {theirs:.1f}")
+        print(f"fit_over_tf_keras_fit_throughput: {ours / theirs:.2f}")
     print(f"async_over_sync_throughput: {best['fit'] / best['sync']:.2f}")
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _run_tf_keras_child(args, steps: int) -> float:
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    command = [args.tf_keras_python, os.path.abspath(__file__), "--tf_keras_child",
+               "--steps", str(steps), "--batch_size", str(args.batch_size)]
+    if args.quick:
+        command.append("--quick")
+    output = subprocess.run(command, env=env, capture_output=True, text=True,
+                            timeout=600, check=True).stdout
+    return float(output.strip().splitlines()[-1].split(":")[1])
+
+
+def tf_keras_child(steps: int, batch_size: int, repeats: int) -> None:
+    """tf-keras (Keras 2) PSS `model.fit` on a fresh identical local cluster."""
+    import tensorflow as tf
+    import tf_keras
+
+    from tf_async.cluster import local_cluster
+
+    strategy = tf.distribute.experimental.ParameterServerStrategy(
+        local_cluster(workers=WORKERS, ps=1))
+    dataset_fn = make_dataset_fn(0, batch_size)
+    with strategy.scope():
+        model = tf_keras.Sequential([
+            tf_keras.Input((FEATURES,)),
+            tf_keras.layers.Dense(128, activation="relu"),
+            tf_keras.layers.Dense(128, activation="relu"),
+            tf_keras.layers.Dense(CLASSES, activation="softmax"),
+        ])
+        model.compile(optimizer=tf_keras.optimizers.SGD(0.01),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    creator = tf_keras.utils.experimental.DatasetCreator(dataset_fn)
+    model.fit(creator, epochs=1, steps_per_epoch=2 * WORKERS, verbose=0)
+    best = max(
+        steps / _timed(lambda: model.fit(creator, epochs=1, steps_per_epoch=steps, verbose=0))
+        for _ in range(repeats))
+    print(f"tf_keras_fit_steps_per_s: {best:.1f}", flush=True)
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -96,8 +96,10 @@ def _child_core_fit():
     x, y = _data()
     with strategy.scope():
         model = _model()
+        # MeanIoU's Keras update is `assign(total_cm + cm)` (read, then write).
         model.compile(optimizer=TauRecordingSGD(0.1), loss="sparse_categorical_crossentropy",
-                      metrics=["accuracy"])
+                      metrics=["accuracy", keras.metrics.MeanIoU(
+                          num_classes=2, sparse_y_pred=False, name="iou")])
 
     # 1. tf.data.Dataset, 3 workers: exact step accounting, staleness in History.
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(256).batch(32).repeat()
@@ -136,6 +138,10 @@ def _child_core_fit():
     results["numpy_steps"] = int(model.optimizer.iterations.numpy()) - 260
     evaluated = model.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
     predicted = model.predict(x, batch_size=64, verbose=0)
+    with strategy.scope():  # also inside the scope (TF forbids nested scopes)
+        in_scope = model.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
+        results["predict_in_scope_shape"] = model.predict(x[:5], verbose=0).shape
+    results["evaluate_in_scope_loss"] = in_scope["loss"]
     reference = _model()
     reference.set_weights(model.get_weights())
     probabilities = reference.predict(x, verbose=0)
@@ -153,9 +159,15 @@ def _child_core_fit():
     history = model.fit(full, epochs=1, steps_per_epoch=90, verbose=0)
     results["lr0_fit_loss"] = history.history["loss"][0]
     results["lr0_fit_accuracy"] = history.history["accuracy"][0]
+    results["lr0_fit_iou"] = history.history["iou"][0]
+    # Raw metric states: every one of the 90 concurrent updates was counted.
+    iou = next(m for m in model.metrics[1].metrics if m.name == "iou")
+    results["iou_confusion_total"] = float(iou.total_cm.numpy().sum())
+    results["loss_tracker_count"] = float(model.metrics[0].count.numpy())
     after = model.evaluate(x, y, batch_size=256, verbose=0, return_dict=True)
     results["lr0_eval_loss"] = after["loss"]
     results["lr0_eval_accuracy"] = after["accuracy"]
+    results["lr0_eval_iou"] = after["iou"]
 
     # 6. Bad input: clear ValueErrors.
     errors = {}
@@ -189,7 +201,7 @@ def _child_core_fit():
 @pytest.mark.slow
 def test_fit_evaluate_predict_exact_counting_and_staleness(fresh_process):
     r = fresh_process(_child_core_fit, timeout=300)
-    assert {"loss", "accuracy", "staleness_mean", "staleness_max",
+    assert {"loss", "accuracy", "iou", "staleness_mean", "staleness_max",
             "val_loss", "val_accuracy"} <= set(r["history_keys"])
     assert all(np.isfinite(r["loss"])) and r["loss"][1] < r["loss"][0]
     # Exact step accounting with 3 concurrent workers.
@@ -207,8 +219,13 @@ def test_fit_evaluate_predict_exact_counting_and_staleness(fresh_process):
     assert r["evaluate_loss"] == pytest.approx(r["reference_loss"], rel=1e-5)
     assert r["evaluate_accuracy"] == pytest.approx(r["reference_accuracy"])
     assert r["predict_max_diff"] < 1e-6
+    assert r["evaluate_in_scope_loss"] == pytest.approx(r["evaluate_loss"], rel=1e-6)
+    assert r["predict_in_scope_shape"] == (5, 2)
     assert r["lr0_fit_loss"] == pytest.approx(r["lr0_eval_loss"], rel=1e-5)
     assert r["lr0_fit_accuracy"] == pytest.approx(r["lr0_eval_accuracy"], rel=1e-6)
+    assert r["lr0_fit_iou"] == pytest.approx(r["lr0_eval_iou"], rel=1e-6)
+    assert r["iou_confusion_total"] == 90 * 256
+    assert r["loss_tracker_count"] == 90 * 256
     errors = r["errors"]
     assert "`steps_per_epoch` is required" in errors["infinite"]
     assert "`steps_per_epoch` is required" in errors["fn_no_steps"]

@@ -240,6 +240,13 @@ def test_aps_tf_distribute_internals_exist():
 
     assert isinstance(distribute_lib._get_default_strategy(), tf.distribute.Strategy)
     assert hasattr(distribute_lib, "UpdateContext")
+    for name in ("_push_per_thread_mode", "_pop_per_thread_mode", "_get_per_thread_mode"):
+        assert callable(getattr(distribute_lib, name, None)), name
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        with _keras_fit.outside_strategy_scopes():
+            assert not tf.distribute.has_strategy()
+        assert tf.distribute.get_strategy() is strategy
     assert hasattr(sharded_variable, "ShardedVariable")
     assert "_values" in values.PerWorkerValues.__init__.__code__.co_names
     assert issubclass(values.PerWorkerDistributedIterator, values.PerWorkerValues)

@@ -478,3 +478,28 @@ def variable_shards(variable):
     ):
         return list(shards)
     return None
+def outside_strategy_scopes():
+    """Context manager: the calling thread temporarily leaves every entered
+    ``strategy.scope()`` (TF's per-thread strategy stack), restoring it after.
+
+    Used to run Keras' own ``evaluate``/``predict`` on the coordinator under
+    the default strategy even when called inside the async strategy's scope
+    (TF forbids nesting another strategy's scope there).
+    """
+    import contextlib
+
+    from tensorflow.python.distribute import distribute_lib
+
+    @contextlib.contextmanager
+    def scope():
+        saved = []
+        while distribute_lib.has_strategy():
+            saved.append(distribute_lib._get_per_thread_mode())
+            distribute_lib._pop_per_thread_mode()
+        try:
+            yield
+        finally:
+            for mode in reversed(saved):
+                distribute_lib._push_per_thread_mode(mode)
+
+    return scope()

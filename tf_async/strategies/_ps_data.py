@@ -24,7 +24,7 @@ from tf_async import _keras_fit
 _FAIL_ON_EXTERNAL_STATE = 2  # tf.data.experimental.ExternalStatePolicy.FAIL
 
 
-def _takes_input_context(fn: Callable) -> bool:
+def takes_input_context(fn: Callable) -> bool:
     try:
         parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -119,7 +119,7 @@ def per_worker_iterator(strategy, coordinator, source):
     if isinstance(source, tf.data.Dataset):
         return iter(coordinator.create_per_worker_dataset(source))
     num_workers = strategy.num_workers
-    if not _takes_input_context(source):
+    if not takes_input_context(source):
 
         def dataset_fn():
             return _repeated(source())

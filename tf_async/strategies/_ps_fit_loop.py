@@ -39,7 +39,7 @@ def _floats(logs: dict) -> dict:
 def _element_spec(source, strategy):
     if isinstance(source, tf.data.Dataset):
         return source.element_spec
-    if _ps_data._takes_input_context(source):
+    if _ps_data.takes_input_context(source):
         dataset = source(
             tf.distribute.InputContext(
                 num_input_pipelines=strategy.num_workers, input_pipeline_id=0
@@ -237,7 +237,8 @@ def run_on_chief(strategy, model, original, *args, **kwargs):
         setattr(model, name, cached.get(name))
     _keras_fit.set_model_strategy(model, _keras_fit.default_strategy())
     try:
-        return original(*args, **kwargs)
+        with _keras_fit.outside_strategy_scopes():
+            return original(*args, **kwargs)
     finally:
         _keras_fit.set_model_strategy(model, strategy)
         for name in ("test_function", "predict_function"):

@@ -11,7 +11,9 @@ Per step, on a worker (all state lives on the parameter servers):
    published through :func:`tf_async.staleness.publish` around
    ``optimizer.apply`` so compensating optimizers (DC-ASGD, DC-Adam,
    staleness-scaled) see them;
-5. the version counter is incremented, the step id is marked done.
+5. Keras' metric updates (loss tracker, compiled metrics) are computed as this
+   step's contribution and added atomically on the PS; the step id is marked
+   done (and, under SSP, the version advanced) once the apply has finished.
 
 Fully asynchronous (``max_staleness=None``): the ticket is the atomic
 fetch-and-increment of the version (``ResourceCountUpTo``), τ = ticket − v_read,
@@ -28,6 +30,10 @@ step has τ ≤ k, and k = 0 is sequential (synchronous) SGD.
 Exactly-once accounting: each scheduled step carries a step id; a step whose id
 is already marked done (a closure retried by the coordinator after a worker
 failure, whose first attempt did complete on the parameter server) is skipped.
+Remaining window: a worker lost between taking its ticket and its gradients
+reaching the PS leaves a version increment without an update (the retry then
+counts once more). Under SSP a worker lost while holding its turn stalls the
+ticket lock: bounded staleness is not worker-failure tolerant.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_async import _keras_fit, staleness
@@ -266,9 +273,36 @@ class TrainStep:
             counters.version.assign_add(tf.constant(1, tf.int64))
 
     def _update_metrics(self, x, y, y_pred, loss, sample_weight):
+        """Keras' metric updates, applied as atomic additions on the PS.
+
+        The updates run in a ``StatelessScope`` with every metric variable
+        mapped to zero, so what they would write is this step's contribution
+        (Keras' metric states are sums and counts: ``Mean`` total/count,
+        confusion-matrix counts, ...). Contributions are concatenated per
+        parameter server (one transfer) and added there with
+        ``AssignAddVariableOp``: concurrent workers never lose an update, even
+        for metrics whose Keras code is ``assign(v + x)`` (e.g. Precision, AUC).
+        """
         model = self.model
+        variables = list(model.metrics_variables)
         batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
-        _keras_fit.loss_tracker(model).update_state(loss, sample_weight=batch)
-        metrics = _keras_fit.compile_metrics(model)
-        if metrics is not None:
-            metrics.update_state(y, y_pred, sample_weight=sample_weight)
+        zeros = [(v, tf.zeros(v.shape, v.dtype)) for v in variables]
+        with keras.StatelessScope(state_mapping=zeros) as scope:
+            _keras_fit.loss_tracker(model).update_state(loss, sample_weight=batch)
+            metrics = _keras_fit.compile_metrics(model)
+            if metrics is not None:
+                metrics.update_state(y, y_pred, sample_weight=sample_weight)
+        groups: dict = {}
+        for v in variables:
+            delta = scope.get_current_value(v)
+            if delta is None:
+                continue
+            target = v.value  # the tf.Variable (or ShardedVariable) on the PS
+            key = (getattr(target, "device", ""), target.dtype)
+            groups.setdefault(key, []).append((target, tf.cast(delta, target.dtype)))
+        for (device, _), pairs in groups.items():
+            flat = tf.concat([tf.reshape(d, [-1]) for _, d in pairs], axis=0)
+            with tf.device(device or None):
+                parts = tf.split(flat, [int(np.prod(t.shape)) for t, _ in pairs])
+                for (target, _), part in zip(pairs, parts):
+                    target.assign_add(tf.reshape(part, target.shape), read_value=False)

@@ -82,6 +82,11 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
       log_every_steps: refresh the logs callbacks see every this many steps
         (default: every 2 seconds); epoch-end logs are always exact.
 
+    Limits: one replica (device) per worker; ``class_weight`` and
+    ``validation_split`` are not supported (use sample weights in the data and
+    ``validation_data``); ``evaluate``/``predict`` run on the coordinator,
+    reading the variables from the parameter servers.
+
     Raises:
       ValueError: ``max_staleness < 0``; a cluster without ps or workers.
     """
