@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import keras
@@ -281,7 +282,8 @@ class ShardedAdam(keras.optimizers.Adam):
         """The unsharded optimizer state, as ``keras.optimizers.Adam.variables`` has it."""
         values = [np.asarray(v.numpy()) for v in self.variables]
         if self._mode == _MODE_SHARDED:
-            values += [np.asarray(s._read_fn().numpy()) for s in self._logical_slots]
+            slots = getattr(self, "_logical_slots", [])
+            values += [np.asarray(s._read_fn().numpy()) for s in slots]
         return values
 
     def save_own_variables(self, store) -> None:
@@ -293,6 +295,13 @@ class ShardedAdam(keras.optimizers.Adam):
         """Loads a state saved by ShardedAdam (any N) or ``keras.optimizers.Adam``."""
         if self._mode != _MODE_SHARDED:
             return super().load_own_variables(store)
+        if not self.built:
+            warnings.warn(
+                f"Skipping variable loading for optimizer '{self.name}': it has not "
+                "been built yet (call `optimizer.build(trainable_variables)` first).",
+                stacklevel=2,
+            )
+            return
         own = list(self.variables)
         expected = len(own) + len(self._logical_slots)
         if len(store.keys()) != expected:
