@@ -130,7 +130,7 @@ def main() -> None:
     width = args.width or (256 if args.quick else 1024)
     depth = args.depth or 4
     steps = args.steps or (8 if args.quick else 20)
-    rounds = args.rounds or (3 if args.quick else 9)
+    rounds = args.rounds or (5 if args.quick else 9)
 
     if args.child is not None:
         print("RESULT " + json.dumps(_child(args.child, width, depth, steps, rounds)))
