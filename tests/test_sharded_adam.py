@@ -310,6 +310,14 @@ def test_unsupported_strategy_is_named():
             ShardedAdam()
 
 
+def test_created_outside_the_strategy_scope_is_a_clear_error():
+    optimizer = ShardedAdam()
+    with strategy_for(2).scope():
+        model = make_model()
+        with pytest.raises(ValueError, match="inside `strategy.scope\\(\\)`"):
+            optimizer.build(model.trainable_variables)
+
+
 def _default_collectives_child(num_replicas: int) -> float:
     """Fresh process: MirroredStrategy with its default cross-device ops."""
     from tests import _harness
