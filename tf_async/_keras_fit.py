@@ -194,6 +194,28 @@ class CheckpointedTensor(tf.__internal__.tracking.Trackable):
 
     def _restore_from_tensors(self, restored_tensors):
         return self._write_fn(restored_tensors["VARIABLE_VALUE"])
+
+
+def variable_shards(variable):
+    """Shards of a partitioned (``ShardedVariable``) variable, else ``None``.
+
+    Under ``ParameterServerStrategy(variable_partitioner=...)`` a Keras
+    Variable wraps a ``tensorflow.python.distribute.sharded_variable.
+    ShardedVariable`` (not public); it is recognised by its ``variables`` list
+    of per-parameter-server ``tf.Variable`` shards, split along axis 0.
+    """
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    if isinstance(variable, tf.Variable):
+        return None
+    shards = getattr(variable, "variables", None)
+    if isinstance(shards, (list, tuple)) and shards and all(
+        isinstance(s, tf.Variable) for s in shards
+    ):
+        return list(shards)
+    return None
+
+
 # ---- async parameter-server seams (Keras 3.15) ----
 #
 # * ``install_trainer_dispatch`` — Keras 3.15 ``TensorFlowTrainer.fit`` /
@@ -460,24 +482,6 @@ def allow_sharded_variable_updates(strategy) -> None:
         cls.numpy = lambda self: tf.convert_to_tensor(self).numpy()
 
 
-def variable_shards(variable):
-    """Shards of a partitioned (``ShardedVariable``) variable, else ``None``.
-
-    Under ``ParameterServerStrategy(variable_partitioner=...)`` a Keras
-    Variable wraps a ``tensorflow.python.distribute.sharded_variable.
-    ShardedVariable`` (not public); it is recognised by its ``variables`` list
-    of per-parameter-server ``tf.Variable`` shards, split along axis 0.
-    """
-    if isinstance(variable, keras.Variable):
-        variable = variable.value
-    if isinstance(variable, tf.Variable):
-        return None
-    shards = getattr(variable, "variables", None)
-    if isinstance(shards, (list, tuple)) and shards and all(
-        isinstance(s, tf.Variable) for s in shards
-    ):
-        return list(shards)
-    return None
 def outside_strategy_scopes():
     """Context manager: the calling thread temporarily leaves every entered
     ``strategy.scope()`` (TF's per-thread strategy stack), restoring it after.
