@@ -116,8 +116,10 @@ if __name__ == "__main__":
         python_requires=">=3.9",
         install_requires=_requirements(),
         extras_require={
-            "test": ["pytest>=7", "portpicker>=1.5", "scikit-learn>=1.0", "matplotlib>=3.5", "tensorboard>=2.16"],
-            "examples": ["scikit-learn>=1.0", "matplotlib>=3.5", "tensorboard>=2.16"],
+            "test": ["pytest>=7", "portpicker>=1.5", "scikit-learn>=1.0", "matplotlib>=3.5",
+                     "tensorboard>=2.16", "importlib_resources"],
+            "examples": ["scikit-learn>=1.0", "matplotlib>=3.5", "tensorboard>=2.16",
+                         "importlib_resources"],  # tfds 4.9 needs it to download
         },
         license="Apache-2.0",
         classifiers=[

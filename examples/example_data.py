@@ -36,8 +36,27 @@ def load_digits(flatten: bool = True, train_fraction: float = 0.8, seed: int = 0
     return x[:split], y[:split], x[split:], y[split:], "digits"
 
 
+TFDS_DOWNLOAD_HOST = "storage.googleapis.com"
+
+
+def _download_host_resolves() -> bool:
+    """Whether tfds' download host resolves; offline, tfds would retry for minutes."""
+    import socket
+
+    try:
+        socket.getaddrinfo(TFDS_DOWNLOAD_HOST, 443)
+        return True
+    except OSError:
+        return False
+
+
 def _load_tfds(name: str, data_dir: Optional[str], download: bool = True):
     import tensorflow_datasets as tfds
+
+    if download:
+        builder = tfds.builder(name, data_dir=data_dir)
+        if not builder.is_prepared() and not _download_host_resolves():
+            raise ConnectionError(f"{name} is not prepared and {TFDS_DOWNLOAD_HOST} does not resolve")
 
     splits = []
     for split in ("train", "test"):
