@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # TensorFlow is imported lazily: the launcher must stay light
 __all__ = [
     "local_cluster",
     "pick_unused_port",
+    "pick_unused_ports",
+    "check_task_counts",
     "check_port_free",
     "make_tf_config",
     "parse_tf_config",
@@ -66,22 +68,28 @@ def check_port_free(port: int, argument: str = "port") -> None:
             ) from None
 
 
-def _check_counts(workers: int, ps: int) -> None:
+def check_task_counts(workers: int, ps: int, flag_prefix: str = "") -> None:
+    """``ValueError``/``TypeError`` naming ``{flag_prefix}workers`` / ``ps``."""
     for name, value, low in (("workers", workers, 1), ("ps", ps, 0)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"`{name}` must be an int, got {value!r}.")
+            raise TypeError(f"`{flag_prefix}{name}` must be an int, got {value!r}.")
         if value < low:
-            raise ValueError(f"`{name}` must be >= {low}, got {value}.")
+            raise ValueError(f"`{flag_prefix}{name}` must be >= {low}, got {value}.")
+
+
+def pick_unused_ports(count: int) -> List[int]:
+    """``count`` distinct ports free on loopback right now."""
+    chosen: List[int] = []
+    while len(chosen) < count:
+        port = pick_unused_port()
+        if port not in chosen:
+            chosen.append(port)
+    return chosen
 
 
 def _ports(count: int, ports: Optional[Sequence[int]], argument: str) -> List[int]:
     if ports is None:
-        chosen: List[int] = []
-        while len(chosen) < count:
-            port = pick_unused_port()
-            if port not in chosen:
-                chosen.append(port)
-        return chosen
+        return pick_unused_ports(count)
     ports = list(ports)
     if len(ports) != count:
         raise ValueError(f"`{argument}` must list {count} ports, got {len(ports)}.")
@@ -123,7 +131,7 @@ def local_cluster(
     """
     import tensorflow as tf
 
-    _check_counts(workers, ps)
+    check_task_counts(workers, ps)
     if worker_inter_op_threads is None:
         worker_inter_op_threads = workers + 1
     elif worker_inter_op_threads < 1:

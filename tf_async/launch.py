@@ -30,7 +30,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, TextIO
 
-from tf_async.cluster import check_port_free, make_tf_config, pick_unused_port
+from tf_async.cluster import (
+    check_port_free,
+    check_task_counts,
+    make_tf_config,
+    pick_unused_ports,
+)
 
 __all__ = ["Task", "build_cluster", "launch", "main"]
 
@@ -55,19 +60,11 @@ def build_cluster(
     workers: int, ps: int, chief: bool = False, base_port: Optional[int] = None
 ) -> Dict[str, List[str]]:
     """Cluster dict {job: ["localhost:port", ...]} with validated counts/ports."""
-    for name, value, low in (("workers", workers, 1), ("ps", ps, 0)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"`{name}` must be an int, got {value!r}.")
-        if value < low:
-            raise ValueError(f"`--{name}` must be >= {low}, got {value}.")
+    check_task_counts(workers, ps, flag_prefix="--")
     chief = chief or ps > 0
     count = workers + ps + int(chief)
     if base_port is None:
-        ports: List[int] = []
-        while len(ports) < count:
-            port = pick_unused_port()
-            if port not in ports:
-                ports.append(port)
+        ports = pick_unused_ports(count)
     else:
         if base_port + count - 1 > 65535:
             raise ValueError(
