@@ -117,7 +117,7 @@ def plot_straggler() -> str:
     ).stdout
     rates = {}
     for name, values in re.findall(r"^(\w+)_steps_per_s: (.*)$", output, re.M):
-        numbers = [float(v) for v in values.split()]
+        numbers = [float(v) for v in values.split("(")[0].split()]
         rates[name] = max(numbers)
     if not rates:
         raise RuntimeError(f"straggler.py printed no *_steps_per_s lines:\n{output}")
