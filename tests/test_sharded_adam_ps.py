@@ -127,3 +127,40 @@ def test_parameter_server_slots_beside_variables(fresh_process, partitioned):
             "/job:ps/replica:0/task:0/device:CPU:0",
             "/job:ps/replica:0/task:1/device:CPU:0",
         }
+
+
+def _async_ps_fit_child() -> dict:
+    """ShardedAdam compiled under AsyncParameterServerStrategy and trained by fit."""
+    import keras
+    import numpy as np
+
+    import tf_async
+    from tf_async.keras_optimizers import ShardedAdam
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 6)).astype("float32")
+    y = (x[:, :3].argmax(1)).astype("int32")
+    strategy = tf_async.strategies.AsyncParameterServerStrategy(
+        tf_async.local_cluster(workers=2, ps=1))
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(3, activation="softmax")])
+        model.compile(optimizer=ShardedAdam(0.01), loss="sparse_categorical_crossentropy")
+    history = model.fit(x, y, batch_size=16, epochs=3, steps_per_epoch=10, verbose=0)
+    optimizer = model.optimizer
+    slot_devices = sorted({v.value.device for v in optimizer._momentums + optimizer._velocities}
+                          if hasattr(optimizer, "_momentums") else set())
+    return {
+        "losses": history.history["loss"],
+        "iterations": int(optimizer.iterations.numpy()),
+        "slot_devices": slot_devices,
+    }
+
+
+@pytest.mark.slow
+def test_sharded_adam_under_async_parameter_server_fit(fresh_process):
+    result = fresh_process(_async_ps_fit_child, timeout=300)
+    assert result["iterations"] == 30
+    assert result["losses"][-1] < result["losses"][0]
+    assert result["slot_devices"], "no Adam slots found"
+    assert all("/job:ps" in d for d in result["slot_devices"]), result["slot_devices"]
