@@ -38,6 +38,7 @@ ticket lock: bounded staleness is not worker-failure tolerant.
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import keras
@@ -184,6 +185,7 @@ class TrainStep:
         """One training step; call in a replica context of the strategy."""
         counters = self.counters
         model = self.model
+        ps = counters.version.device
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         v_read = counters.version.read_value()
         with tf.control_dependencies([v_read]):
@@ -192,33 +194,48 @@ class TrainStep:
             values, x, y, sample_weight
         )
         # Read concurrently with the forward pass, so the check costs no latency.
-        already_done = counters.is_done(step_id)
+        with tf.device(ps):
+            already_done = counters.is_done(step_id)
 
-        def commit():
-            if self.max_staleness is None:
+        if self.max_staleness is None:
+            # The commit runs on the PS: the worker sends the gradients and
+            # metric contributions once, no round trip back before it ends.
+            deltas = self._metric_deltas(x, y, y_pred, loss, sample_weight)
+            commit_scope = tf.device(ps)
+
+            def commit():
                 with tf.control_dependencies(_deps(gradients)):
                     ticket = _fetch_and_increment(counters.version)
-                with tf.device(counters.version.device):
-                    tau = ticket - v_read  # on the PS: no extra round trip
+                tau = ticket - v_read
                 with tf.control_dependencies([ticket]):
                     applied = self._apply(gradients, values, tau)
-                new_y_pred, new_loss, new_updates = y_pred, loss, updates
-            else:
+                return self._finish(step_id, applied, updates, deltas, tau)
+
+        else:
+            commit_scope = contextlib.nullcontext()  # recomputes on the worker
+
+            def commit():
                 applied, new_y_pred, new_loss, new_updates, tau = self._bounded_apply(
                     v_read, gradients, values, y_pred, loss, updates, x, y, sample_weight
                 )
-            # Metrics and staleness statistics need not wait for the apply.
-            self._update_metrics(x, y, new_y_pred, new_loss, sample_weight)
-            self._record_staleness(tau)
-            with tf.control_dependencies([applied]):
-                for index, value in zip(self._updated_non_trainable, new_updates):
-                    model.non_trainable_variables[index].assign(value)
-                self._mark_done(step_id)
-            return tf.constant(True)
+                deltas = self._metric_deltas(x, y, new_y_pred, new_loss, sample_weight)
+                return self._finish(step_id, applied, new_updates, deltas, tau)
 
         # A closure retried by the coordinator after its first attempt
         # completed on the parameter servers is not applied twice.
-        tf.cond(already_done, lambda: tf.constant(False), commit)
+        with commit_scope:
+            tf.cond(already_done, lambda: tf.constant(False), commit)
+
+    def _finish(self, step_id, applied, updates, deltas, tau):
+        """Metrics and staleness statistics (need not wait for the apply), then
+        non-trainable updates and the done mark once the apply has finished."""
+        self._add_metrics(deltas)
+        self._record_staleness(tau)
+        with tf.device(self.counters.version.device), tf.control_dependencies([applied]):
+            for index, value in zip(self._updated_non_trainable, updates):
+                self.model.non_trainable_variables[index].assign(value)
+            self._mark_done(step_id)
+        return tf.constant(True)
 
     def _bounded_apply(self, v_read, gradients, values, y_pred, loss, updates, x, y, sw):
         counters = self.counters
@@ -272,16 +289,14 @@ class TrainStep:
         if self.max_staleness is not None:
             counters.version.assign_add(tf.constant(1, tf.int64))
 
-    def _update_metrics(self, x, y, y_pred, loss, sample_weight):
-        """Keras' metric updates, applied as atomic additions on the PS.
+    def _metric_deltas(self, x, y, y_pred, loss, sample_weight):
+        """This step's contribution to Keras' metric variables, grouped by PS.
 
         The updates run in a ``StatelessScope`` with every metric variable
         mapped to zero, so what they would write is this step's contribution
         (Keras' metric states are sums and counts: ``Mean`` total/count,
         confusion-matrix counts, ...). Contributions are concatenated per
-        parameter server (one transfer) and added there with
-        ``AssignAddVariableOp``: concurrent workers never lose an update, even
-        for metrics whose Keras code is ``assign(v + x)`` (e.g. Precision, AUC).
+        parameter server (one transfer); returns ``(device, targets, flat)``s.
         """
         model = self.model
         variables = list(model.metrics_variables)
@@ -300,9 +315,19 @@ class TrainStep:
             target = v.value  # the tf.Variable (or ShardedVariable) on the PS
             key = (getattr(target, "device", ""), target.dtype)
             groups.setdefault(key, []).append((target, tf.cast(delta, target.dtype)))
-        for (device, _), pairs in groups.items():
-            flat = tf.concat([tf.reshape(d, [-1]) for _, d in pairs], axis=0)
+        return [
+            (device, [t for t, _ in pairs],
+             tf.concat([tf.reshape(d, [-1]) for _, d in pairs], axis=0))
+            for (device, _), pairs in groups.items()
+        ]
+
+    @staticmethod
+    def _add_metrics(deltas):
+        """Adds ``_metric_deltas`` atomically on the PS (``AssignAddVariableOp``):
+        concurrent workers never lose an update, even for metrics whose Keras
+        code is ``assign(v + x)`` (e.g. Precision, AUC)."""
+        for device, targets, flat in deltas:
             with tf.device(device or None):
-                parts = tf.split(flat, [int(np.prod(t.shape)) for t, _ in pairs])
-                for (target, _), part in zip(pairs, parts):
+                parts = tf.split(flat, [int(np.prod(t.shape)) for t in targets])
+                for target, part in zip(targets, parts):
                     target.assign_add(tf.reshape(part, target.shape), read_value=False)
