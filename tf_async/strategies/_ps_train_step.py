@@ -231,7 +231,7 @@ class TrainStep:
         non-trainable updates and the done mark once the apply has finished."""
         self._add_metrics(deltas)
         self._record_staleness(tau)
-        with tf.device(self.counters.version.device), tf.control_dependencies([applied]):
+        with tf.control_dependencies([applied]):
             for index, value in zip(self._updated_non_trainable, updates):
                 self.model.non_trainable_variables[index].assign(value)
             self._mark_done(step_id)
@@ -281,13 +281,14 @@ class TrainStep:
     def _mark_done(self, step_id):
         """After the apply: step ``step_id`` completed (SSP: next turn may go)."""
         counters = self.counters
-        tf.raw_ops.ResourceScatterUpdate(
-            resource=counters.done.handle,
-            indices=tf.reshape(step_id % DONE_RING_SIZE, [1]),
-            updates=tf.reshape(step_id + 1, [1]),
-        )
-        if self.max_staleness is not None:
-            counters.version.assign_add(tf.constant(1, tf.int64))
+        with tf.device(counters.version.device):  # no round trip via the worker
+            tf.raw_ops.ResourceScatterUpdate(
+                resource=counters.done.handle,
+                indices=tf.reshape(step_id % DONE_RING_SIZE, [1]),
+                updates=tf.reshape(step_id + 1, [1]),
+            )
+            if self.max_staleness is not None:
+                counters.version.assign_add(tf.constant(1, tf.int64))
 
     def _metric_deltas(self, x, y, y_pred, loss, sample_weight):
         """This step's contribution to Keras' metric variables, grouped by PS.
