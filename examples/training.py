@@ -39,15 +39,19 @@ flags.DEFINE_string("optimizer", "adam",
                     "adam | sgd | dcadam | dcsgd | sharded_adam | any keras.optimizers name.")
 flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
 flags.DEFINE_float("dc_lambda", 1.0, "lambda_ of dcsgd/dcadam.")
-flags.DEFINE_integer("workers", 2, "async_ps: workers of the embedded cluster; simulated: M.")
-flags.DEFINE_integer("ps", 1, "async_ps: parameter servers of the embedded cluster.")
-flags.DEFINE_integer("max_staleness", None, "async_ps/simulated: bound on staleness.")
-flags.DEFINE_integer("sync_every", 8, "local_sgd: average every H steps.")
+flags.DEFINE_integer("workers", 2, "async_ps: workers of the embedded cluster; simulated: M.",
+                     lower_bound=1)
+flags.DEFINE_integer("ps", 1, "async_ps: parameter servers of the embedded cluster.",
+                     lower_bound=1)
+flags.DEFINE_integer("max_staleness", None, "async_ps/simulated: bound on staleness.",
+                     lower_bound=0)
+flags.DEFINE_integer("sync_every", 8, "local_sgd: average every H steps.", lower_bound=1)
 flags.DEFINE_enum("averaging", "mean", ["mean", "easgd", "diloco"], "local_sgd averaging.")
-flags.DEFINE_integer("cpu_devices", 1, "Split the CPU into this many logical devices.")
-flags.DEFINE_integer("epochs", 10, "Epochs.")
-flags.DEFINE_integer("steps_per_epoch", 50, "Steps (batches) per epoch.")
-flags.DEFINE_integer("batch_size", 32, "Batch size per step.")
+flags.DEFINE_integer("cpu_devices", 1, "Split the CPU into this many logical devices.",
+                     lower_bound=1)
+flags.DEFINE_integer("epochs", 10, "Epochs.", lower_bound=1)
+flags.DEFINE_integer("steps_per_epoch", 50, "Steps (batches) per epoch.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 32, "Batch size per step.", lower_bound=1)
 flags.DEFINE_string("model_dir", None, "TensorBoard logs and checkpoints go here.")
 flags.DEFINE_bool("resume", False, "Warm-start from the latest checkpoint in --model_dir.")
 flags.DEFINE_string("data_dir", None, "tensorflow_datasets data_dir.")
@@ -106,8 +110,6 @@ def make_optimizer():
 
     lr = FLAGS.learning_rate
     name = "sharded_adam" if FLAGS.mode == "sharded" else FLAGS.optimizer.lower()
-    if FLAGS.mode == "sharded" and FLAGS.optimizer.lower() not in ("adam", "sharded_adam"):
-        raise ValueError(f"--mode=sharded trains with ShardedAdam; got --optimizer={FLAGS.optimizer}.")
     builders = {
         "sharded_adam": lambda: tf_async.keras_optimizers.ShardedAdam(lr),
         "dcadam": lambda: tf_async.keras_optimizers.DCAdam(lr, lambda_=FLAGS.dc_lambda),
@@ -137,6 +139,8 @@ def run(load_data: Callable, make_model: Callable, loss: str = "sparse_categoric
     logging.set_verbosity(logging.WARNING)  # the coordinator logs every join at INFO
     if FLAGS.resume and not FLAGS.model_dir:
         raise ValueError("--resume needs --model_dir (where the checkpoint is).")
+    if FLAGS.mode == "sharded" and FLAGS.optimizer.lower() not in ("adam", "sharded_adam"):
+        raise ValueError(f"--mode=sharded trains with ShardedAdam; got --optimizer={FLAGS.optimizer}.")
     if FLAGS.mode == "async_ps":
         tf_async.cluster.serve_forever_if_server_task()  # worker/ps tasks stop here
     split_cpu(FLAGS.cpu_devices)

@@ -76,11 +76,23 @@ def test_cloud_tpu_example_on_cpu_stand_in(mode):
     assert accuracy > 0.3, out
 
 
-def test_example_rejects_unknown_mode():
+@pytest.mark.parametrize("flags, message", [
+    (["--mode=bogus"], "--mode"),
+    (["--epochs=0"], "epochs"),
+    (["--workers=0"], "workers"),
+    (["--sync_every=0"], "sync_every"),
+    (["--cpu_devices=0"], "cpu_devices"),
+    (["--max_staleness=-1"], "max_staleness"),
+    (["--resume"], "--resume needs --model_dir"),
+    (["--mode=sharded", "--optimizer=sgd"], "--mode=sharded trains with ShardedAdam"),
+])
+def test_example_rejects_bad_flags(flags, message):
     env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("TF_CONFIG", None)
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "examples", "mnist.py"), "--mode=bogus"],
+        [sys.executable, os.path.join(REPO, "examples", "mnist.py"), "--dataset=digits", *flags],
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0
-    assert "--mode" in result.stderr and "bogus" in result.stderr
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Epoch 1/" not in result.stdout  # rejected before any training
