@@ -19,6 +19,7 @@ even built into the graph, so both optimizers equal their Keras base
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional
 
 import keras
@@ -26,6 +27,11 @@ import tensorflow as tf
 from keras import ops
 
 from tf_async import _keras_fit, staleness
+from tf_async.keras_optimizers._arguments import (
+    check_non_negative,
+    check_positive,
+    check_unit_interval,
+)
 
 __all__ = ["DCSGD", "DCAdam", "AdamAsync"]
 
@@ -43,23 +49,9 @@ def _check_learning_rate(learning_rate: Any) -> Any:
 
 
 def _check_dc_args(lambda_: float, meansq_momentum: float, epsilon: float) -> None:
-    if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)):
-        raise TypeError(f"`lambda_` must be a float >= 0; received {lambda_!r}.")
-    if not lambda_ >= 0:
-        raise ValueError(f"`lambda_` must be >= 0; received lambda_={lambda_}.")
-    if isinstance(meansq_momentum, bool) or not isinstance(meansq_momentum, (int, float)):
-        raise TypeError(
-            f"`meansq_momentum` must be a float in [0, 1); received {meansq_momentum!r}."
-        )
-    if not 0 <= meansq_momentum < 1:
-        raise ValueError(
-            "`meansq_momentum` must be in [0, 1); received "
-            f"meansq_momentum={meansq_momentum}."
-        )
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-        raise TypeError(f"`epsilon` must be a float > 0; received {epsilon!r}.")
-    if not epsilon > 0:
-        raise ValueError(f"`epsilon` must be > 0; received epsilon={epsilon}.")
+    check_non_negative("lambda_", lambda_)
+    check_unit_interval("meansq_momentum", meansq_momentum)
+    check_positive("epsilon", epsilon)
 
 
 def _dense(gradient):
@@ -218,8 +210,8 @@ class DCAdam(keras.optimizers.Adam):
         learning_rate = _check_learning_rate(learning_rate)
         _check_dc_args(lambda_, 0.0, epsilon)
         for arg, value in (("beta_1", beta_1), ("beta_2", beta_2)):
-            if isinstance(value, (int, float)) and not 0 <= value < 1:
-                raise ValueError(f"`{arg}` must be in [0, 1); received {arg}={value}.")
+            if isinstance(value, numbers.Real):  # Keras also accepts tensors, callables
+                check_unit_interval(arg, value)
         super().__init__(
             learning_rate=learning_rate,
             beta_1=beta_1,

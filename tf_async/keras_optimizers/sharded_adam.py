@@ -34,7 +34,6 @@ per-variable m and v (full shapes, Adam's order), so they restore into any N.
 from __future__ import annotations
 
 import contextlib
-import numbers
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -44,6 +43,7 @@ import tensorflow as tf
 from keras import ops
 
 from tf_async import _keras_fit
+from tf_async.keras_optimizers._arguments import check_positive, check_unit_interval, is_number
 from tf_async.keras_optimizers._flat_layout import FlatLayout
 
 _MODE_SHARDED = "sharded"
@@ -69,10 +69,6 @@ def _strategy_mode(strategy: tf.distribute.Strategy) -> str:
         "tf.distribute.experimental.ParameterServerStrategy and "
         "tf_async AsyncParameterServerStrategy. Use keras.optimizers.Adam there."
     )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class _ShardGroup:
@@ -132,7 +128,7 @@ class ShardedAdam(keras.optimizers.Adam):
                     f"ShardedAdam does not support `{unsupported}` (its state would "
                     f"not be sharded). Received: {unsupported}={kwargs[unsupported]!r}"
                 )
-        if _is_number(learning_rate):
+        if is_number(learning_rate):
             learning_rate = float(learning_rate)
         mode = _strategy_mode(tf.distribute.get_strategy())
         super().__init__(
@@ -530,7 +526,7 @@ class ShardedAdam(keras.optimizers.Adam):
 
 def _validate_arguments(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay) -> None:
     """ValueError/TypeError naming the argument and its allowed range."""
-    if _is_number(learning_rate):
+    if is_number(learning_rate):
         if not np.isfinite(learning_rate) or learning_rate < 0:
             raise ValueError(
                 "`learning_rate` must be a finite float >= 0, a LearningRateSchedule "
@@ -544,19 +540,13 @@ def _validate_arguments(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_
             "`learning_rate` must be a float >= 0, a LearningRateSchedule or a "
             f"callable. Received: learning_rate={learning_rate!r}"
         )
-    for name, value in (("beta_1", beta_1), ("beta_2", beta_2)):
-        if not _is_number(value):
-            raise TypeError(f"`{name}` must be a float in [0, 1). Received: {name}={value!r}")
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value}")
-    if not _is_number(epsilon):
-        raise TypeError(f"`epsilon` must be a float > 0. Received: epsilon={epsilon!r}")
-    if not epsilon > 0:
-        raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
+    check_unit_interval("beta_1", beta_1)
+    check_unit_interval("beta_2", beta_2)
+    check_positive("epsilon", epsilon)
     if not isinstance(amsgrad, (bool, np.bool_)):
         raise TypeError(f"`amsgrad` must be a bool. Received: amsgrad={amsgrad!r}")
     if weight_decay is not None:
-        if not _is_number(weight_decay):
+        if not is_number(weight_decay):
             raise TypeError(
                 "`weight_decay` must be None or a float >= 0. "
                 f"Received: weight_decay={weight_decay!r}"

@@ -27,6 +27,7 @@ import keras
 import tensorflow as tf
 
 from tf_async import _keras_fit, staleness
+from tf_async.keras_optimizers._arguments import check_unit_interval
 
 __all__ = ["StalenessScaled", "POLICIES"]
 
@@ -82,10 +83,7 @@ class StalenessScaled(keras.optimizers.Optimizer):
             raise ValueError(
                 f"`policy` must be one of {POLICIES}; received policy={policy!r}."
             )
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-            raise TypeError(f"`beta` must be a float in [0, 1); received beta={beta!r}.")
-        if not 0 <= beta < 1:
-            raise ValueError(f"`beta` must be in [0, 1); received beta={beta}.")
+        check_unit_interval("beta", beta)
         # Base-optimizer arguments belong to the inner optimizer; accept only
         # their defaults (as written by older configs).
         defaults = {

@@ -1,0 +1,37 @@
+"""Constructor argument checks shared by tf_async's optimizers.
+
+Each raises ``TypeError`` for a non-number and ``ValueError`` for a number
+outside the allowed range, naming the argument and the range.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+
+def is_number(value: Any) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check(name: str, value: Any, ok, allowed: str) -> None:
+    if not is_number(value):
+        raise TypeError(f"`{name}` must be a float {allowed}; received {name}={value!r}.")
+    if not ok(value):
+        raise ValueError(f"`{name}` must be {allowed}; received {name}={value}.")
+
+
+def check_unit_interval(name: str, value: Any) -> None:
+    """``value`` in [0, 1) (momenta, betas, decay factors)."""
+    _check(name, value, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """``value`` > 0 (epsilons)."""
+    _check(name, value, lambda v: v > 0, "> 0")
+
+
+def check_non_negative(name: str, value: Any) -> None:
+    """``value`` >= 0 (compensation strengths)."""
+    _check(name, value, lambda v: v >= 0, ">= 0")
