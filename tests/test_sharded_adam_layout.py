@@ -33,7 +33,7 @@ def test_shards_cover_every_element_once(sizes, num_shards):
             for p in layout.pieces(s)
             if p.index == index
         ]
-        from_parts = [(q.shard, q.start, q.stop, q.shard_start) for q in layout.parts(index)]
+        from_parts = [(q.shard, q.start, q.stop, q.shard_offset) for q in layout.parts(index)]
         assert from_parts == from_pieces
 
 

@@ -10,18 +10,19 @@ trace time; no TensorFlow.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """The part of tensor ``index`` that lies in one shard.
+    """The part of tensor ``index`` that lies in shard ``shard``.
 
     Elements ``[start, stop)`` of the flattened tensor sit at
     ``[shard_offset, shard_offset + stop - start)`` inside the shard.
     """
 
     index: int
+    shard: int
     start: int
     stop: int
     shard_offset: int
@@ -29,20 +30,6 @@ class Piece:
     @property
     def size(self) -> int:
         return self.stop - self.start
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardPart:
-    """The part of one tensor that lies in shard ``shard``.
-
-    Elements ``[start, stop)`` of the flattened tensor are elements
-    ``[shard_start, shard_start + stop - start)`` of that shard.
-    """
-
-    shard: int
-    start: int
-    stop: int
-    shard_start: int
 
 
 class FlatLayout:
@@ -72,29 +59,31 @@ class FlatLayout:
 
     def pieces(self, shard: int) -> List[Piece]:
         """Tensor parts inside ``shard``, in flat order (padding not included)."""
-        begin, end = self.shard_range(shard)
-        result = []
-        for index, (offset, size) in enumerate(zip(self.offsets, self.sizes)):
-            lo, hi = max(begin, offset), min(end, offset + size)
-            if lo < hi:
-                result.append(Piece(index, lo - offset, hi - offset, lo - begin))
-        return result
+        return [
+            piece
+            for index in range(len(self.sizes))
+            if (piece := self._piece(index, shard)) is not None
+        ]
 
     def shard_padding(self, shard: int) -> int:
         """Padding elements at the end of ``shard`` (only the last ones have any)."""
         begin, end = self.shard_range(shard)
         return end - min(end, max(begin, self.total))
 
-    def parts(self, index: int) -> List[ShardPart]:
-        """Where tensor ``index`` lives: its parts in each shard it touches."""
+    def parts(self, index: int) -> List[Piece]:
+        """Where tensor ``index`` lives: its pieces in each shard it touches."""
         offset, size = self.offsets[index], self.sizes[index]
-        result = []
         if size == 0 or self.shard_size == 0:
-            return result
+            return []
         first = offset // self.shard_size
         last = (offset + size - 1) // self.shard_size
-        for shard in range(first, last + 1):
-            begin, end = self.shard_range(shard)
-            lo, hi = max(begin, offset), min(end, offset + size)
-            result.append(ShardPart(shard, lo - offset, hi - offset, lo - begin))
-        return result
+        return [self._piece(index, shard) for shard in range(first, last + 1)]
+
+    def _piece(self, index: int, shard: int) -> Optional[Piece]:
+        """Intersection of tensor ``index`` with ``shard`` (None if empty)."""
+        begin, end = self.shard_range(shard)
+        offset, size = self.offsets[index], self.sizes[index]
+        lo, hi = max(begin, offset), min(end, offset + size)
+        if lo >= hi:
+            return None
+        return Piece(index, shard, lo - offset, hi - offset, lo - begin)

@@ -236,7 +236,7 @@ class ShardedAdam(keras.optimizers.Adam):
             components = self._components(group, slot)
             parts = [
                 tf.convert_to_tensor(components[p.shard])[
-                    p.shard_start : p.shard_start + p.stop - p.start
+                    p.shard_offset : p.shard_offset + p.size
                 ]
                 for p in group.layout.parts(position)
             ]
@@ -259,7 +259,7 @@ class ShardedAdam(keras.optimizers.Adam):
             components = self._components(group, slot)
             ops_ = [
                 components[p.shard][
-                    p.shard_start : p.shard_start + p.stop - p.start
+                    p.shard_offset : p.shard_offset + p.size
                 ].assign(flat[p.start : p.stop])
                 for p in group.layout.parts(position)
             ]
