@@ -15,6 +15,11 @@ Per step, on a worker (all state lives on the parameter servers):
    step's contribution and added atomically on the PS; the step id is marked
    done (and, under SSP, the version advanced) once the apply has finished.
 
+Transfers are fused (:mod:`_fused_transfer`): the snapshot comes to the worker
+as one buffer per PS, and gradients, non-trainable updates, metric
+contributions and the step id go back as one buffer per PS. A step of a small
+model costs a handful of RPCs instead of one per tensor.
+
 Fully asynchronous (``max_staleness=None``): the ticket is the atomic
 fetch-and-increment of the version (``ResourceCountUpTo``), τ = ticket − v_read,
 and workers apply concurrently (Hogwild-style, as TF's ParameterServerStrategy).
@@ -46,6 +51,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_async import _keras_fit, staleness
+from tf_async.strategies import _fused_transfer
 
 _COUNT_LIMIT = 2**62
 
@@ -159,11 +165,33 @@ class TrainStep:
         updates = [new_non_trainable[i] for i in self._updated_non_trainable]
         return list(gradients), y_pred, loss, updates
 
-    @staticmethod
-    def _snapshot(variables) -> List[tf.Tensor]:
-        # convert_to_tensor reads each variable once (a sharded variable: each
-        # shard once, concatenated).
-        return [tf.convert_to_tensor(v.value) for v in variables]
+    def _read_variables(self):
+        """One snapshot of every trainable variable (each read once), fused
+        into one transfer per parameter server (:mod:`_fused_transfer`).
+
+        Returns ``(commit_values, values)``: ``values`` is the snapshot on the
+        worker (for the forward pass), ``commit_values`` the same snapshot where
+        the reads ran (so optimizers that use ``w_read`` on the PS, such as
+        DC-ASGD, cost no transfer back).
+        """
+        reads, owners = [], []
+        for index, variable in enumerate(self.model.trainable_variables):
+            target = variable.value
+            for part in getattr(target, "variables", None) or [target]:  # shards
+                with tf.device(part.device):
+                    reads.append(part.read_value())
+                owners.append(index)
+        received = _fused_transfer.send(reads, [None] * len(reads))
+        values, commit_values = [], []
+        for index in range(len(self.model.trainable_variables)):
+            parts = [i for i, owner in enumerate(owners) if owner == index]
+            if len(parts) == 1:
+                values.append(received[parts[0]])
+                commit_values.append(reads[parts[0]])
+            else:  # a ShardedVariable: its shards concatenated on the worker
+                values.append(tf.concat([received[i] for i in parts], axis=0))
+                commit_values.append(values[-1])
+        return commit_values, values
 
     def _apply(self, gradients, values, tau) -> tf.Operation:
         """``optimizer.apply`` inside the StepContext; returns a group of its ops.
@@ -184,23 +212,24 @@ class TrainStep:
     def replica_fn(self, step_id, data):
         """One training step; call in a replica context of the strategy."""
         counters = self.counters
-        model = self.model
         ps = counters.version.device
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        v_read = counters.version.read_value()
+        with tf.device(ps):
+            v_read = counters.version.read_value()
         with tf.control_dependencies([v_read]):
-            values = self._snapshot(model.trainable_variables)
+            commit_values, values = self._read_variables()
         gradients, y_pred, loss, updates = self._forward_backward(
             values, x, y, sample_weight
         )
-        # Read concurrently with the forward pass, so the check costs no latency.
-        with tf.device(ps):
-            already_done = counters.is_done(step_id)
 
         if self.max_staleness is None:
-            # The commit runs on the PS: the worker sends the gradients and
-            # metric contributions once, no round trip back before it ends.
+            # The commit runs on the PS. The worker sends the gradients, the
+            # non-trainable updates, the metric contributions and the step id
+            # in one fused transfer per PS, and gets nothing back.
             deltas = self._metric_deltas(x, y, y_pred, loss, sample_weight)
+            gradients, updates, deltas, step_id = self._send_to_ps(
+                gradients, updates, deltas, step_id
+            )
             commit_scope = tf.device(ps)
 
             def commit():
@@ -208,7 +237,7 @@ class TrainStep:
                     ticket = _fetch_and_increment(counters.version)
                 tau = ticket - v_read
                 with tf.control_dependencies([ticket]):
-                    applied = self._apply(gradients, values, tau)
+                    applied = self._apply(gradients, commit_values, tau)
                 return self._finish(step_id, applied, updates, deltas, tau)
 
         else:
@@ -216,15 +245,46 @@ class TrainStep:
 
             def commit():
                 applied, new_y_pred, new_loss, new_updates, tau = self._bounded_apply(
-                    v_read, gradients, values, y_pred, loss, updates, x, y, sample_weight
+                    v_read, gradients, commit_values, y_pred, loss, updates,
+                    x, y, sample_weight,
                 )
                 deltas = self._metric_deltas(x, y, new_y_pred, new_loss, sample_weight)
                 return self._finish(step_id, applied, new_updates, deltas, tau)
 
         # A closure retried by the coordinator after its first attempt
         # completed on the parameter servers is not applied twice.
+        with tf.device(ps):
+            already_done = counters.is_done(step_id)
         with commit_scope:
             tf.cond(already_done, lambda: tf.constant(False), commit)
+
+    def _send_to_ps(self, gradients, updates, deltas, step_id):
+        """Moves the step's results to the PS tasks that use them, fused."""
+        ps = self.counters.version.device
+
+        def home(variable):
+            target = variable.value
+            return ps if hasattr(target, "variables") else target.device  # shards: via ps
+
+        non_trainable = self.model.non_trainable_variables
+        tensors = (
+            list(gradients) + list(updates) + [flat for _, _, flat in deltas] + [step_id]
+        )
+        destinations = (
+            [home(v) for v in self.model.trainable_variables]
+            + [home(non_trainable[i]) for i in self._updated_non_trainable]
+            + [device or ps for device, _, _ in deltas]
+            + [ps]
+        )
+        moved = _fused_transfer.send(tensors, destinations)
+        n_g, n_u, n_d = len(gradients), len(updates), len(deltas)
+        gradients = moved[:n_g]
+        updates = moved[n_g:n_g + n_u]
+        deltas = [
+            (device, targets, flat)
+            for (device, targets, _), flat in zip(deltas, moved[n_g + n_u:n_g + n_u + n_d])
+        ]
+        return gradients, updates, deltas, moved[-1]
 
     def _finish(self, step_id, applied, updates, deltas, tau):
         """Metrics and staleness statistics (need not wait for the apply), then
@@ -239,7 +299,6 @@ class TrainStep:
 
     def _bounded_apply(self, v_read, gradients, values, y_pred, loss, updates, x, y, sw):
         counters = self.counters
-        model = self.model
         with tf.control_dependencies(_deps(gradients)):
             ticket = _fetch_and_increment(counters.tickets)
 
@@ -256,9 +315,9 @@ class TrainStep:
         tau_read = seen - v_read  # seen == ticket: updates applied since the read
 
         def fresh():
-            fresh_values = self._snapshot(model.trainable_variables)
+            fresh_commit_values, fresh_values = self._read_variables()
             g, p, l, u = self._forward_backward(fresh_values, x, y, sw)
-            return g, fresh_values, p, l, u, tf.constant(0, tf.int64)
+            return g, fresh_commit_values, p, l, u, tf.constant(0, tf.int64)
 
         def stale():
             return gradients, values, y_pred, loss, updates, tau_read
