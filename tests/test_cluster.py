@@ -1,6 +1,7 @@
 """local_cluster() and the TF_CONFIG helpers."""
 
 import json
+import os
 import socket
 
 import pytest
@@ -44,6 +45,9 @@ def test_unset_tf_config_raises(monkeypatch):
     ({"workers": 0}, "`workers` must be >= 1"),
     ({"workers": 1, "ps": -1}, "`ps` must be >= 0"),
     ({"workers": 1, "ps": 1, "worker_inter_op_threads": 0}, "worker_inter_op_threads"),
+    ({"workers": 1, "ps": 1, "intra_op_threads": 0}, "`intra_op_threads` must be an int >= 1"),
+    ({"workers": 1, "ps": 1, "intra_op_threads": 1.5}, "`intra_op_threads` must be an int"),
+    ({"workers": 1, "ps": 1, "intra_op_threads": True}, "`intra_op_threads` must be an int"),
     ({"workers": 2, "ps": 0, "worker_ports": [5000]}, "must list 2 ports"),
 ])
 def test_local_cluster_bad_counts(kwargs, message):
@@ -85,10 +89,19 @@ def _train_on_local_cluster(workers, ps, steps):
     for _ in range(steps):
         coordinator.schedule(step)
     coordinator.join()
+    configs = {
+        server.server_def.job_name: server.server_def.default_session_config
+        for server in cluster_module._LIVE_SERVERS
+    }
     return {
         "spec": spec,
         "counter": int(counter.numpy()),
         "w_device": w.device,
+        "threads": {
+            job: (c.inter_op_parallelism_threads, c.intra_op_parallelism_threads,
+                  c.experimental.disable_thread_spinning)
+            for job, c in configs.items()
+        },
     }
 
 
@@ -99,3 +112,8 @@ def test_local_cluster_trains_with_parameter_server_strategy(fresh_process):
     assert all(a.startswith("localhost:") for a in result["spec"]["worker"])
     assert result["counter"] == 20
     assert "/job:ps" in result["w_device"]
+    # Tasks share the cores: workers + 1 inter-op threads, a share of the
+    # cores each for intra-op, no spinning.
+    share = max(1, (os.cpu_count() or 1) // 3)
+    assert result["threads"]["worker"] == (3, share, True)
+    assert result["threads"]["ps"] == (0, share, True)

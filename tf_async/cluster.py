@@ -107,11 +107,15 @@ def local_cluster(
     worker_ports: Optional[Sequence[int]] = None,
     ps_ports: Optional[Sequence[int]] = None,
     worker_inter_op_threads: Optional[int] = None,
+    intra_op_threads: Optional[int] = None,
 ) -> "tf.distribute.cluster_resolver.SimpleClusterResolver":
     """Starts an in-process cluster on localhost; returns its resolver.
 
     This process is the ``chief`` (coordinator); ``workers`` worker servers and
-    ``ps`` parameter-server servers run inside it.
+    ``ps`` parameter-server servers run inside it. The tasks share this
+    machine's cores, so each server gets its share of them for intra-op
+    parallelism and its threads do not spin while idle (a spinning thread of
+    one task takes cycles from the others).
 
     Args:
       workers: number of worker tasks, >= 1.
@@ -121,6 +125,8 @@ def local_cluster(
       worker_inter_op_threads: inter-op threads of each worker server. The
         default ``workers + 1`` keeps scheduled steps from deadlocking on
         small (2-core) machines.
+      intra_op_threads: intra-op threads of each server; default: the CPU
+        count divided by the number of tasks, at least 1.
 
     Returns:
       A ``SimpleClusterResolver`` (rpc_layer ``grpc``) for
@@ -139,6 +145,11 @@ def local_cluster(
             "`worker_inter_op_threads` must be >= 1, got "
             f"{worker_inter_op_threads}."
         )
+    if intra_op_threads is None:
+        intra_op_threads = max(1, (os.cpu_count() or 1) // (workers + ps))
+    elif isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) \
+            or intra_op_threads < 1:
+        raise ValueError(f"`intra_op_threads` must be an int >= 1, got {intra_op_threads!r}.")
     worker_addresses = [
         f"{LOOPBACK}:{p}" for p in _ports(workers, worker_ports, "worker_ports")
     ]
@@ -148,7 +159,11 @@ def local_cluster(
         cluster_dict["ps"] = ps_addresses
     cluster_spec = tf.train.ClusterSpec(cluster_dict)
 
+    ps_config = tf.compat.v1.ConfigProto()
+    ps_config.intra_op_parallelism_threads = intra_op_threads
+    ps_config.experimental.disable_thread_spinning = True
     worker_config = tf.compat.v1.ConfigProto()
+    worker_config.CopyFrom(ps_config)
     worker_config.inter_op_parallelism_threads = worker_inter_op_threads
     for index in range(workers):
         _LIVE_SERVERS.append(
@@ -163,7 +178,11 @@ def local_cluster(
     for index in range(ps):
         _LIVE_SERVERS.append(
             tf.distribute.Server(
-                cluster_spec, job_name="ps", task_index=index, protocol="grpc"
+                cluster_spec,
+                job_name="ps",
+                task_index=index,
+                config=ps_config,
+                protocol="grpc",
             )
         )
     return tf.distribute.cluster_resolver.SimpleClusterResolver(

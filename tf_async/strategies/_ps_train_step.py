@@ -165,22 +165,25 @@ class TrainStep:
         updates = [new_non_trainable[i] for i in self._updated_non_trainable]
         return list(gradients), y_pred, loss, updates
 
-    def _read_variables(self):
+    def _read_variables(self, after=()):
         """One snapshot of every trainable variable (each read once), fused
         into one transfer per parameter server (:mod:`_fused_transfer`).
 
         Returns ``(commit_values, values)``: ``values`` is the snapshot on the
         worker (for the forward pass), ``commit_values`` the same snapshot where
         the reads ran (so optimizers that use ``w_read`` on the PS, such as
-        DC-ASGD, cost no transfer back).
+        DC-ASGD, cost no transfer back). The reads run after the ops ``after``.
         """
         reads, owners = [], []
-        for index, variable in enumerate(self.model.trainable_variables):
-            target = variable.value
-            for part in getattr(target, "variables", None) or [target]:  # shards
-                with tf.device(part.device):
-                    reads.append(part.read_value())
-                owners.append(index)
+        # Only the reads wait for ``after``: a control edge into the worker's
+        # part of the graph would cost one more cross-device message.
+        with tf.control_dependencies(after):
+            for index, variable in enumerate(self.model.trainable_variables):
+                target = variable.value
+                for part in getattr(target, "variables", None) or [target]:  # shards
+                    with tf.device(part.device):
+                        reads.append(part.read_value())
+                    owners.append(index)
         received = _fused_transfer.send(reads, [None] * len(reads))
         values, commit_values = [], []
         for index in range(len(self.model.trainable_variables)):
@@ -216,8 +219,7 @@ class TrainStep:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.device(ps):
             v_read = counters.version.read_value()
-        with tf.control_dependencies([v_read]):
-            commit_values, values = self._read_variables()
+        commit_values, values = self._read_variables(after=[v_read])
         gradients, y_pred, loss, updates = self._forward_backward(
             values, x, y, sample_weight
         )
