@@ -87,6 +87,69 @@ def test_bad_max_staleness_and_cluster_raise_before_connecting():
         Strategy(None)
 
 
+@pytest.mark.parametrize("class_weight, message", [
+    ([1.0, 2.0], "non-empty dict"),
+    ({}, "non-empty dict"),
+    ({-1: 1.0}, "keys must be class indices"),
+    ({"a": 1.0}, "keys must be class indices"),
+    ({0: -0.5}, r"`class_weight`\[0\] must be a finite number >= 0"),
+    ({0: float("nan")}, "finite number"),
+    ({0: True}, "finite number"),
+])
+def test_bad_class_weight_raises(class_weight, message):
+    from tf_async.strategies import _ps_data
+
+    with pytest.raises(ValueError, match=message):
+        _ps_data.check_class_weight(class_weight)
+
+
+def test_class_weight_matches_keras_for_sparse_and_one_hot_targets():
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    from tf_async.strategies import _ps_data
+
+    class_weight = {0: 0.5, 2: 4.0, 3: 2.0}  # class 1 and 4 missing: weight 1
+    labels = np.array([0, 1, 2, 3, 4, 2, 0])
+    for y in (labels, labels[:, None], np.eye(5)[labels]):
+        dataset = tf.data.Dataset.from_tensor_slices((np.zeros((7, 2)), y)).batch(7)
+        _, _, weights = next(iter(_ps_data.with_class_weights(dataset, class_weight)))
+        expected = data_adapter_utils.class_weight_to_sample_weights(y, class_weight)
+        np.testing.assert_allclose(weights.numpy(), expected)
+
+    with_weights = tf.data.Dataset.from_tensor_slices(
+        (np.zeros((4, 2)), labels[:4], np.ones(4))).batch(2)
+    with pytest.raises(ValueError, match="cannot use `class_weight` and `sample_weight`"):
+        _ps_data.with_class_weights(with_weights, class_weight)
+    # A dataset function is checked when it is called (fit calls it once on the
+    # coordinator before scheduling, so the error comes early).
+    weighted_fn = _ps_data.with_class_weights(lambda ctx: with_weights, class_weight)
+    with pytest.raises(ValueError, match="cannot use `class_weight`"):
+        weighted_fn(tf.distribute.InputContext())
+    multi_target = tf.data.Dataset.from_tensor_slices(
+        (np.zeros((4, 2)), {"a": labels[:4]})).batch(2)
+    with pytest.raises(ValueError, match="single target tensor"):
+        _ps_data.with_class_weights(multi_target, class_weight)
+
+
+def test_validation_split_takes_the_last_fraction_of_arrays():
+    from tf_async.strategies import _ps_data
+
+    x, y = np.arange(20).reshape(10, 2), np.arange(10)
+    (tx, ty, tw), (vx, vy, vw) = _ps_data.split_validation(x, y, None, 0.3)
+    np.testing.assert_array_equal(ty, np.arange(7))
+    np.testing.assert_array_equal(vy, [7, 8, 9])
+    np.testing.assert_array_equal(vx, x[7:])
+    assert tw is None and vw is None
+    for bad in (0.0, 1.0, -0.1, True, "0.2"):
+        with pytest.raises(ValueError, match=r"`validation_split` must be a float in \(0, 1\)"):
+            _ps_data.split_validation(x, y, None, bad)
+    with pytest.raises(ValueError, match="leaves no training or no validation"):
+        _ps_data.split_validation(x[:1], y[:1], None, 0.5)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    with pytest.raises(ValueError, match="only supported when `x` is arrays"):
+        _ps_data.split_validation(dataset, None, None, 0.2)
+
+
 # -------------------------------------------------- core fit (one child)
 
 
@@ -301,44 +364,69 @@ def _child_one_worker_equals_keras_fit(steps):
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
+    class_weight = {0: 0.25, 2: 3.0}  # class 1 missing: weight 1
+
+    def fits(model):
+        """The same three fits for the reference and the async model."""
+        first = model.fit(full, epochs=1, steps_per_epoch=steps, verbose=0)
+        after_first = model.get_weights()
+        model.fit(full, epochs=1, steps_per_epoch=10, class_weight=class_weight, verbose=0)
+        after_class_weight = model.get_weights()
+        split = model.fit(x, y, batch_size=16, epochs=2, validation_split=0.25,
+                          shuffle=False, verbose=0)
+        return first.history, after_first, after_class_weight, split.history, \
+            model.get_weights()
+
     keras.utils.set_random_seed(1)
     reference = _embedding_bn_model()
     initial = reference.get_weights()
     compile_(reference)
-    expected_history = reference.fit(full, epochs=1, steps_per_epoch=steps, verbose=0)
-    expected = reference.get_weights()  # read before this process joins a cluster
+    expected = fits(reference)  # read before this process joins a cluster
 
     strategy = _strategy(workers=1, ps=1)
     with strategy.scope():
         model = _embedding_bn_model()
         model.set_weights(initial)
         compile_(model)
-    history = model.fit(full, epochs=1, steps_per_epoch=steps, verbose=0)
+    got = fits(model)
+
+    def diffs(a_list, b_list):
+        return {w.path: float(np.abs(a - b).max())
+                for w, a, b in zip(model.weights, a_list, b_list)}
+
     return {
-        "staleness_max": history.history["staleness_max"][0],
+        "staleness_max": got[0]["staleness_max"][0],
         "iterations": int(model.optimizer.iterations.numpy()),
-        "diffs": {w.path: float(np.abs(a - b).max())
-                  for w, a, b in zip(model.weights, model.get_weights(), expected)},
-        "moved": {w.path: float(np.abs(a - b).max())
-                  for w, a, b in zip(model.weights, initial, expected)},
-        "accuracy": (history.history["accuracy"][0],
-                     expected_history.history["accuracy"][0]),
+        "diffs": diffs(got[1], expected[1]),
+        "moved": diffs(initial, expected[1]),
+        "accuracy": (got[0]["accuracy"][0], expected[0]["accuracy"][0]),
+        "class_weight_diffs": diffs(got[2], expected[2]),
+        "class_weight_moved": diffs(expected[1], expected[2]),
+        "split_diffs": diffs(got[4], expected[4]),
+        "val_loss": (got[3]["val_loss"], expected[3]["val_loss"]),
     }
 
 
 @pytest.mark.slow
-def test_one_worker_fit_equals_keras_fit_with_sparse_and_batchnorm(fresh_process):
+def test_one_worker_fit_equals_keras_fit(fresh_process):
     """With one worker every step reads the latest weights (τ = 0), so async fit
     must reproduce Keras' own fit: the fused snapshot, gradient, BatchNorm
     update and metric transfers and the pass-through of the Embedding's
-    IndexedSlices gradient lose or reorder nothing."""
+    IndexedSlices gradient lose or reorder nothing; ``class_weight`` and
+    ``validation_split`` mean what they mean in Keras."""
     r = fresh_process(_child_one_worker_equals_keras_fit, 30, timeout=300)
-    assert r["staleness_max"] == 0 and r["iterations"] == 30
+    assert r["staleness_max"] == 0 and r["iterations"] == 30 + 10 + 2 * 3
     # The parts under test really changed (Dense-before-BN bias gets no gradient).
     for name in ("embeddings", "moving_mean", "moving_variance", "gamma"):
         assert any(m > 1e-3 for p, m in r["moved"].items() if name in p), r["moved"]
     assert max(r["diffs"].values()) < 1e-5, r["diffs"]
     assert r["accuracy"][0] == pytest.approx(r["accuracy"][1], abs=1e-6)
+    # class_weight (a missing class weighs 1) and validation_split (the last
+    # quarter of the arrays, unshuffled) do what they do in Keras' fit.
+    assert max(r["class_weight_moved"].values()) > 1e-3
+    assert max(r["class_weight_diffs"].values()) < 1e-5, r["class_weight_diffs"]
+    assert max(r["split_diffs"].values()) < 1e-5, r["split_diffs"]
+    np.testing.assert_allclose(r["val_loss"][0], r["val_loss"][1], rtol=1e-5)
 
 
 # ------------------------- callbacks + variable partitioner (2 PS, one child)

@@ -8,7 +8,10 @@ Accepted ``x`` (like tf-keras' parameter-server ``fit``):
   worker with ``InputContext(num_input_pipelines=#workers,
   input_pipeline_id=worker index)``, so it can shard;
 * NumPy arrays / tensors ``x, y, sample_weight`` — sliced, shuffled and batched
-  into a dataset (``batch_size``, default 32).
+  into a dataset (``batch_size``, default 32); ``validation_split`` takes the
+  last fraction of them, before shuffling, as Keras does.
+
+``class_weight`` becomes a per-sample weight inside each worker's pipeline.
 """
 
 from __future__ import annotations
@@ -55,6 +58,90 @@ def check_sendable(dataset: tf.data.Dataset) -> None:
         ) from None
 
 
+def split_validation(x, y, sample_weight, validation_split):
+    """Keras' ``validation_split`` for arrays: the last fraction (unshuffled)
+    becomes ``(x, y, sample_weight)`` of the validation data."""
+    if isinstance(validation_split, bool) or not isinstance(
+        validation_split, (int, float, np.floating)
+    ) or not 0.0 < validation_split < 1.0:
+        raise ValueError(
+            f"`validation_split` must be a float in (0, 1), got {validation_split!r}."
+        )
+    if isinstance(x, tf.data.Dataset) or callable(x):
+        raise ValueError(
+            "`validation_split` is only supported when `x` is arrays (NumPy or "
+            "tensors); with a dataset or dataset function pass `validation_data`."
+        )
+    arrays = (x, y, sample_weight)
+    flat = [a for a in tf.nest.flatten(arrays) if a is not None]
+    count = int(np.shape(flat[0])[0])
+    split_at = int(count * (1.0 - validation_split))
+    if split_at == 0 or split_at == count:
+        raise ValueError(
+            f"`validation_split`={validation_split} leaves no training or no "
+            f"validation samples out of {count}."
+        )
+
+    def part(start, stop):
+        return tf.nest.map_structure(
+            lambda a: None if a is None else a[start:stop], arrays
+        )
+
+    return part(0, split_at), part(split_at, count)
+
+
+def check_class_weight(class_weight) -> dict:
+    """``{class index (int >= 0): weight (number)}`` or a clear ValueError."""
+    if not isinstance(class_weight, dict) or not class_weight:
+        raise ValueError(
+            "`class_weight` must be a non-empty dict {class index: weight}, got "
+            f"{class_weight!r}."
+        )
+    checked = {}
+    for key, weight in class_weight.items():
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0:
+            raise ValueError(f"`class_weight` keys must be class indices (ints >= 0), got {key!r}.")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float, np.number)) \
+                or not np.isfinite(weight) or weight < 0:
+            raise ValueError(
+                f"`class_weight`[{key}] must be a finite number >= 0, got {weight!r}."
+            )
+        checked[int(key)] = float(weight)
+    return checked
+
+
+def check_class_weight_applies(element_spec) -> None:
+    """ValueError unless batches are ``(x, y)`` with one target tensor."""
+    if not isinstance(element_spec, tuple) or len(element_spec) != 2:
+        raise ValueError(
+            "`class_weight` needs batches `(x, y)` with targets and no sample "
+            "weights (Keras: you cannot use `class_weight` and `sample_weight` "
+            "together)."
+        )
+    if not isinstance(element_spec[1], tf.TensorSpec):
+        raise ValueError("`class_weight` needs a single target tensor `y`.")
+
+
+def with_class_weight(dataset: tf.data.Dataset, class_weight: dict) -> tf.data.Dataset:
+    """``(x, y)`` → ``(x, y, weight of y's class)``. One-hot ``y`` (last axis > 1)
+    is argmaxed, as in Keras; classes missing from ``class_weight`` weigh 1."""
+    size = max(class_weight) + 1
+    table = tf.constant([class_weight.get(c, 1.0) for c in range(size)], tf.float32)
+
+    def add_weight(x, y):
+        classes = y
+        if y.shape.rank is not None and y.shape.rank >= 2 and y.shape[-1] != 1:
+            classes = tf.argmax(y, axis=-1)
+        elif y.shape.rank is not None and y.shape.rank >= 2:
+            classes = tf.squeeze(y, axis=-1)
+        classes = tf.cast(tf.round(tf.cast(classes, tf.float32)), tf.int32)
+        inside = (classes >= 0) & (classes < size)
+        weights = tf.where(inside, tf.gather(table, tf.clip_by_value(classes, 0, size - 1)), 1.0)
+        return x, y, weights
+
+    return dataset.map(add_weight)
+
+
 def _cardinality(dataset: tf.data.Dataset) -> int:
     return int(dataset.cardinality().numpy())
 
@@ -67,6 +154,28 @@ def _arrays_to_dataset(x, y, sample_weight, batch_size, shuffle) -> tf.data.Data
     if shuffle:
         dataset = dataset.shuffle(count, reshuffle_each_iteration=True)
     return dataset.batch(batch_size or 32)
+
+
+def with_class_weights(source, class_weight: Optional[dict]):
+    """``source`` (a dataset or dataset function from :func:`steps_and_source`)
+    whose batches also carry their class weights as sample weights."""
+    if class_weight is None:
+        return source
+    if isinstance(source, tf.data.Dataset):
+        check_class_weight_applies(source.element_spec)
+        return with_class_weight(source, class_weight)
+    takes_context = takes_input_context(source)
+
+    def weighted(*context):
+        dataset = source(*context)
+        if not isinstance(dataset, tf.data.Dataset):
+            return dataset  # per_worker_iterator reports the wrong type
+        check_class_weight_applies(dataset.element_spec)
+        return with_class_weight(dataset, class_weight)
+
+    if takes_context:
+        return lambda input_context: weighted(input_context)
+    return lambda: weighted()
 
 
 def steps_and_source(

@@ -81,14 +81,15 @@ class FitState:
         self.step_function = step_function
         self.read_results = read_results
 
-    def iterator_for(self, strategy, source):
+    def iterator_for(self, strategy, source, key):
         """Per-worker iterator over ``source``; reused when fit gets the same
-        (infinite, repeated) dataset or dataset function again."""
-        if source is not self.source:
+        (infinite, repeated) dataset or dataset function, with the same
+        ``class_weight``, again (``key``: the unweighted source and weights)."""
+        if self.source is None or key[0] is not self.source[0] or key[1] != self.source[1]:
             self.iterator = _ps_data.per_worker_iterator(
                 strategy, strategy.coordinator, source
             )
-            self.source = source
+            self.source = key
         return self.iterator
 
 
@@ -116,20 +117,17 @@ def run_fit(
     _keras_fit.assert_compile_called(model, "fit")
     strategy.check_model(model)
     if class_weight is not None:
-        raise ValueError(
-            "`class_weight` is not supported by AsyncParameterServerStrategy; "
-            "use `sample_weight` in the dataset."
-        )
-    if validation_split:
-        raise ValueError(
-            "`validation_split` is not supported by AsyncParameterServerStrategy; "
-            "pass `validation_data`."
+        class_weight = _ps_data.check_class_weight(class_weight)
+    if validation_split and validation_data is None:
+        (x, y, sample_weight), validation_data = _ps_data.split_validation(
+            x, y, sample_weight, validation_split
         )
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"`epochs` must be an int >= 0, got {epochs!r}.")
-    steps, source = _ps_data.steps_and_source(
+    steps, unweighted = _ps_data.steps_and_source(
         x, y, sample_weight, batch_size, steps_per_epoch, shuffle
     )
+    source = _ps_data.with_class_weights(unweighted, class_weight)
     if validation_data is not None:
         val_x, val_y, val_sample_weight = keras.utils.unpack_x_y_sample_weight(
             validation_data
@@ -145,7 +143,8 @@ def run_fit(
 
     state = strategy._fit_state(model)
     counters = state.counters
-    iterator = state.iterator_for(strategy, source)
+    class_weight_key = tuple(sorted(class_weight.items())) if class_weight else None
+    iterator = state.iterator_for(strategy, source, key=(unweighted, class_weight_key))
 
     if not isinstance(callbacks, keras.callbacks.CallbackList):
         callbacks = keras.callbacks.CallbackList(

@@ -35,10 +35,12 @@ step has τ ≤ k, and k = 0 is sequential (synchronous) SGD.
 Exactly-once accounting: each scheduled step carries a step id; a step whose id
 is already marked done (a closure retried by the coordinator after a worker
 failure, whose first attempt did complete on the parameter server) is skipped.
-Remaining window: a worker lost between taking its ticket and its gradients
-reaching the PS leaves a version increment without an update (the retry then
-counts once more). Under SSP a worker lost while holding its turn stalls the
-ticket lock: bounded staleness is not worker-failure tolerant.
+In the fully asynchronous mode the ticket is taken on the PS only once all of
+the step's tensors have arrived there, and the apply and done mark follow on
+the PS, so a worker lost mid-step has either committed its step or not touched
+the counters. Under SSP the worker takes its ticket before the apply (it waits
+for its turn); a worker lost while holding its turn stalls the ticket lock:
+bounded staleness is not worker-failure tolerant.
 """
 
 from __future__ import annotations

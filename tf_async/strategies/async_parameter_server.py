@@ -82,10 +82,10 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
       log_every_steps: refresh the logs callbacks see every this many steps
         (default: every 2 seconds); epoch-end logs are always exact.
 
-    Limits: one replica (device) per worker; ``class_weight`` and
-    ``validation_split`` are not supported (use sample weights in the data and
-    ``validation_data``); ``evaluate``/``predict`` run on the coordinator,
-    reading the variables from the parameter servers.
+    ``fit`` takes Keras' arguments, including ``class_weight`` (applied in
+    each worker's input pipeline) and ``validation_split`` (arrays only, as in
+    Keras). Limits: one replica (device) per worker; ``evaluate``/``predict``
+    run on the coordinator, reading the variables from the parameter servers.
 
     Raises:
       ValueError: ``max_staleness < 0``; a cluster without ps or workers.
