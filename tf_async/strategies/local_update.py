@@ -54,7 +54,7 @@ for synchronous training.
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
