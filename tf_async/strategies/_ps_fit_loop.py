@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_async import _keras_fit
-from tf_async.strategies import _ps_data
+from tf_async.strategies import _ps_data, _ps_step_ids
 from tf_async.strategies._ps_train_step import PSCounters, TrainStep
 
 
@@ -63,12 +63,13 @@ class FitState:
         self.counters = PSCounters(strategy)
         train_step = TrainStep(model, self.counters, strategy.max_staleness)
         counters = self.counters
-        self.next_step_id = 0
+        self.step_ids = _ps_step_ids.StepIds()
         self.source = None
         self.iterator = None
 
         @tf.function
-        def step_function(iterator, step_id):
+        def step_function(iterator, block, slot):
+            step_id = _ps_step_ids.combine(block, slot)
             _keras_fit.run_in_single_replica_context(
                 strategy, train_step.replica_fn, step_id, next(iterator)
             )
@@ -179,10 +180,8 @@ def run_fit(
         for step in range(steps):
             callbacks.on_train_batch_begin(step)
             coordinator.schedule(
-                state.step_function,
-                args=(iterator, tf.constant(state.next_step_id, tf.int64)),
+                state.step_function, args=(iterator, *state.step_ids.take())
             )
-            state.next_step_id += 1
             if step + 1 < steps and (
                 (step + 1) % log_every == 0
                 if log_every
