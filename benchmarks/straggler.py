@@ -147,7 +147,7 @@ def main() -> None:
     fit(2 * WORKERS)
 
     results = {"hand_loop": [], "sync": [], "fit": []}
-    repeats = 2 if args.quick else 3
+    repeats = 3
     for _ in range(repeats):  # interleaved, so load changes hit all three alike
         results["fit"].append(fit(steps))
         results["hand_loop"].append(hand_loop(steps))
