@@ -299,7 +299,7 @@ def test_fit_evaluate_predict_exact_counting_and_staleness(fresh_process):
 # --------------------------------------------------- bounded staleness
 
 
-def _child_ssp(k, steps):
+def _child_ssp(k, steps, steps_per_execution=1):
     x, y = _data(64)
     keras.utils.set_random_seed(1)
     reference = _model()
@@ -314,7 +314,8 @@ def _child_ssp(k, steps):
     with strategy.scope():
         model = _model()
         model.set_weights(initial)
-        model.compile(optimizer=TauRecordingSGD(0.1), loss="sparse_categorical_crossentropy")
+        model.compile(optimizer=TauRecordingSGD(0.1), loss="sparse_categorical_crossentropy",
+                      steps_per_execution=steps_per_execution)
     history = model.fit(full, epochs=2, steps_per_epoch=steps // 2, verbose=0)
     got = model.get_weights()
     return {
@@ -328,10 +329,12 @@ def _child_ssp(k, steps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", [0, 2])
-def test_bounded_staleness_guarantees_tau_le_k(fresh_process, k):
+@pytest.mark.parametrize("k, steps_per_execution", [(0, 1), (2, 1), (0, 20)])
+def test_bounded_staleness_guarantees_tau_le_k(fresh_process, k, steps_per_execution):
+    """Also with 20 steps per scheduled function (a loop of 8-step groups plus
+    a tail; 120 steps per epoch: 6 calls), each step takes its own turn."""
     steps = 240
-    r = fresh_process(_child_ssp, k, steps, timeout=300)
+    r = fresh_process(_child_ssp, k, steps, steps_per_execution, timeout=300)
     assert max(r["staleness_max"]) <= k
     assert r["iterations"] == steps and r["version"] == steps
     assert r["tau_seen"] == round(sum(m * steps // 2 for m in r["staleness_mean"]))
@@ -427,6 +430,87 @@ def test_one_worker_fit_equals_keras_fit(fresh_process):
     assert max(r["class_weight_diffs"].values()) < 1e-5, r["class_weight_diffs"]
     assert max(r["split_diffs"].values()) < 1e-5, r["split_diffs"]
     np.testing.assert_allclose(r["val_loss"][0], r["val_loss"][1], rtol=1e-5)
+
+
+# ----------------------------------- steps_per_execution and recompiling
+
+
+class _BatchEnds(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.ends = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append(batch)
+
+
+def _child_steps_per_execution_and_recompile():
+    x, y = _data(64)
+    full = tf.data.Dataset.from_tensor_slices((x, y)).batch(64).repeat()
+    keras.utils.set_random_seed(2)
+    reference = _model()
+    initial = reference.get_weights()
+    reference.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    expected_history = reference.fit(full, epochs=2, steps_per_epoch=30, verbose=0)
+    expected = reference.get_weights()
+
+    strategy = _strategy(workers=1, ps=1)
+    with strategy.scope():
+        model = _model()
+        model.set_weights(initial)
+        # 30 steps per epoch at 20 per call: one call of 20 (a loop over two
+        # 8-step groups plus 4) and one of 10 (8 plus 2).
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                      steps_per_execution=20)
+    ends = _BatchEnds()
+    history = model.fit(full, epochs=2, steps_per_epoch=30, verbose=0, callbacks=[ends])
+    results = {
+        "ends": ends.ends,
+        "iterations": int(model.optimizer.iterations.numpy()),
+        "version": strategy.global_version,
+        "staleness_max": history.history["staleness_max"],
+        "max_weight_diff": max(float(np.abs(a - b).max())
+                               for a, b in zip(model.get_weights(), expected)),
+        "loss": (history.history["loss"], expected_history.history["loss"]),
+    }
+    # Recompiling (new optimizer, lr 0) must take effect in the next fit, also
+    # when that fit runs the same step counts per call as before.
+    before = model.get_weights()
+    with strategy.scope():
+        model.compile(optimizer=keras.optimizers.SGD(0.0),
+                      loss="sparse_categorical_crossentropy", steps_per_execution=20)
+    model.fit(full, epochs=1, steps_per_epoch=30, verbose=0)
+    results["recompiled_change"] = max(float(np.abs(a - b).max())
+                                       for a, b in zip(model.get_weights(), before))
+    results["recompiled_iterations"] = int(model.optimizer.iterations.numpy())
+    results["recompiled_version"] = strategy.global_version
+    errors = {}
+    for bad in (0, 2.5):
+        model.steps_per_execution = bad
+        try:
+            model.fit(full, epochs=1, steps_per_epoch=5, verbose=0)
+        except ValueError as error:
+            errors[str(bad)] = str(error)
+    results["errors"] = errors
+    return results
+
+
+@pytest.mark.slow
+def test_steps_per_execution_and_recompile(fresh_process):
+    r = fresh_process(_child_steps_per_execution_and_recompile, timeout=300)
+    # Callbacks see one batch per call, at its last step (as in Keras).
+    assert r["ends"] == [19, 29, 19, 29]
+    assert r["iterations"] == r["version"] == 60
+    assert max(r["staleness_max"]) == 0
+    # Steps inside one call run one after the other: Keras' own fit, exactly.
+    assert r["max_weight_diff"] < 1e-5, r["max_weight_diff"]
+    np.testing.assert_allclose(r["loss"][0], r["loss"][1], rtol=1e-5)
+    assert r["recompiled_change"] == 0.0
+    assert r["recompiled_iterations"] == r["recompiled_version"] == 30
+    for bad in ("0", "2.5"):
+        assert "`steps_per_execution` must be an int >= 1" in r["errors"][bad]
 
 
 # ------------------------- callbacks + variable partitioner (2 PS, one child)

@@ -6,7 +6,8 @@ rest is Keras': ``compile`` (losses, metrics, optimizer), ``CallbackList``
 (progress bar, History, checkpoints, early stopping, TensorBoard,
 BackupAndRestore), ``evaluate`` for validation.
 
-Scheduling never blocks per step: each batch is one
+Scheduling never blocks per step: each batch (or, with
+``compile(steps_per_execution=k)``, each k batches) is one
 ``ClusterCoordinator.schedule`` call. Logs for callbacks are refreshed from the
 parameter servers every ``log_every_steps`` steps, or by default every 2 s (one
 ``tf.function`` reads all metric variables in one round trip; the workers are
@@ -55,32 +56,84 @@ def _element_spec(source, strategy):
     return dataset.element_spec
 
 
+# Steps of one scheduled function are unrolled in groups of at most this many
+# (a ``tf.while_loop`` runs the groups), as Keras' unrolled steps per execution.
+UNROLL = 8
+
+
+def steps_per_execution(model) -> int:
+    """``compile(steps_per_execution=k)``: k >= 1 steps per scheduled function."""
+    k = getattr(model, "steps_per_execution", 1)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(
+            f"`steps_per_execution` must be an int >= 1 under "
+            f"AsyncParameterServerStrategy, got {k!r}."
+        )
+    return int(k)
+
+
 class FitState:
     """Per-model objects kept across ``fit`` calls: counters on the PS, the
     traced step and log-reading functions, the last per-worker iterator."""
 
     def __init__(self, strategy, model: keras.Model):
         self.counters = PSCounters(strategy)
-        train_step = TrainStep(model, self.counters, strategy.max_staleness)
+        self._strategy = strategy
+        self._train_step = TrainStep(model, self.counters, strategy.max_staleness)
+        self._step_functions: dict = {}
         counters = self.counters
         self.step_ids = _ps_step_ids.StepIds()
         self.source = None
         self.iterator = None
 
         @tf.function
-        def step_function(iterator, block, slot):
-            step_id = _ps_step_ids.combine(block, slot)
-            _keras_fit.run_in_single_replica_context(
-                strategy, train_step.replica_fn, step_id, next(iterator)
-            )
-
-        @tf.function
         def read_results():
             # One call: every metric and counter is read in a single round trip.
             return model.get_metrics_result(), counters.epoch_tensors()
 
-        self.step_function = step_function
         self.read_results = read_results
+
+    def step_function(self, count: int):
+        """The scheduled function running ``count`` consecutive steps.
+
+        Its arguments are the per-worker iterator and the first step's id
+        (``StepIds.take(count)``); step ``j`` has id ``first + j``. Each step
+        reads, computes and commits on its own, exactly like ``count``
+        separately scheduled steps, without the per-call overhead.
+        """
+        if count not in self._step_functions:
+            self._step_functions[count] = self._make_step_function(count)
+        return self._step_functions[count]
+
+    def _make_step_function(self, count: int):
+        strategy, replica_fn = self._strategy, self._train_step.replica_fn
+        group = min(count, UNROLL)
+        groups, tail = divmod(count, group)
+
+        def run(iterator, first, n):
+            for j in range(n):
+                _keras_fit.run_in_single_replica_context(
+                    strategy, replica_fn, first + j, next(iterator)
+                )
+
+        @tf.function
+        def step_function(iterator, block, slot):
+            first = _ps_step_ids.combine(block, slot)
+            if groups == 1:
+                run(iterator, first, group)
+            else:
+                def body(i):
+                    run(iterator, first + i * group, group)
+                    return (i + 1,)
+
+                tf.while_loop(
+                    lambda i: i < groups, body, (tf.constant(0, tf.int64),),
+                    parallel_iterations=1,
+                )
+            if tail:
+                run(iterator, first + groups * group, tail)
+
+        return step_function
 
     def iterator_for(self, strategy, source, key):
         """Per-worker iterator over ``source``; reused when fit gets the same
@@ -123,6 +176,7 @@ def run_fit(
         (x, y, sample_weight), validation_data = _ps_data.split_validation(
             x, y, sample_weight, validation_split
         )
+    per_call = steps_per_execution(model)
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"`epochs` must be an int >= 0, got {epochs!r}.")
     steps, unweighted = _ps_data.steps_and_source(
@@ -177,19 +231,25 @@ def run_fit(
         callbacks.on_epoch_begin(epoch)
         logs: dict = {}
         last_refresh = time.monotonic()
-        for step in range(steps):
+        step = 0
+        while step < steps:
+            # As in Keras: callbacks see one batch per `steps_per_execution`.
+            count = min(per_call, steps - step)
             callbacks.on_train_batch_begin(step)
             coordinator.schedule(
-                state.step_function, args=(iterator, *state.step_ids.take())
+                state.step_function(count),
+                args=(iterator, *state.step_ids.take(count)),
             )
-            if step + 1 < steps and (
-                (step + 1) % log_every == 0
+            done = step + count
+            if done < steps and (
+                done // log_every > step // log_every
                 if log_every
                 else time.monotonic() - last_refresh > refresh_seconds
             ):
                 logs = read_logs()
                 last_refresh = time.monotonic()
-            callbacks.on_train_batch_end(step, logs)
+            callbacks.on_train_batch_end(done - 1, logs)
+            step = done
             if model.stop_training:
                 break
         coordinator.join()

@@ -30,10 +30,11 @@ class StepIds:
         self._block_index = -1
         self._block: Optional[tf.Tensor] = None
 
-    def take(self) -> Tuple[tf.Tensor, tf.Tensor]:
-        """The next id as ``(block, slot)`` tensors; see :func:`combine`."""
+    def take(self, count: int = 1) -> Tuple[tf.Tensor, tf.Tensor]:
+        """The next id as ``(block, slot)`` tensors (see :func:`combine`); the
+        ``count - 1`` ids after it are reserved for the same call."""
         block, slot = divmod(self.next_id, SLOTS)
-        self.next_id += 1
+        self.next_id += count
         if block != self._block_index:
             self._block = tf.constant(block, tf.int64)
             self._block_index = block

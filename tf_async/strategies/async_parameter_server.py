@@ -114,7 +114,7 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
             self
         )
         self._chief_functions: dict = {}
-        self._fit_states: dict = {}  # id(model) -> (model, FitState)
+        self._fit_states: dict = {}  # id(model) -> (model, loss tracker, FitState)
         self._last_fit_model = None
         _keras_fit.install_trainer_dispatch()
         _keras_fit.install_atomic_assign_add()
@@ -145,15 +145,19 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         if self._last_fit_model is None:
             return None
         self._coordinator.join()
-        return int(self._fit_state(self._last_fit_model).counters.version.numpy())
+        state = self._fit_states[id(self._last_fit_model)][2]
+        return int(state.counters.version.numpy())
 
     def _fit_state(self, model) -> "_ps_fit_loop.FitState":
+        # Every ``compile`` makes a new loss tracker: a recompiled model (new
+        # optimizer, loss or metrics) gets newly traced steps.
+        compiled = _keras_fit.loss_tracker(model)
         entry = self._fit_states.get(id(model))
-        if entry is None or entry[0] is not model:
-            entry = (model, _ps_fit_loop.FitState(self, model))
+        if entry is None or entry[0] is not model or entry[1] is not compiled:
+            entry = (model, compiled, _ps_fit_loop.FitState(self, model))
             self._fit_states[id(model)] = entry
         self._last_fit_model = model
-        return entry[1]
+        return entry[2]
 
     def check_model(self, model) -> None:
         """ValueError unless ``model`` was created in this strategy's scope."""
