@@ -38,15 +38,18 @@ WORKERS = 4
 SLOW_WORKER = 3
 
 
-def make_model():
-    import keras
+HIDDEN = [128, 128]  # --hidden / --layers change it (e.g. 512 x 6: 1 MiB kernels)
 
-    return keras.Sequential([
-        keras.Input((FEATURES,)),
-        keras.layers.Dense(128, activation="relu"),
-        keras.layers.Dense(128, activation="relu"),
-        keras.layers.Dense(CLASSES, activation="softmax"),
-    ])
+
+def make_model(keras=None):
+    if keras is None:
+        import keras
+
+    return keras.Sequential(
+        [keras.Input((FEATURES,))]
+        + [keras.layers.Dense(width, activation="relu") for width in HIDDEN]
+        + [keras.layers.Dense(CLASSES, activation="softmax")]
+    )
 
 
 def make_dataset_fn(delay_ms: int, batch_size: int):
@@ -76,10 +79,13 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="async steps measured")
     parser.add_argument("--rounds", type=int, default=None, help="sync rounds measured")
+    parser.add_argument("--hidden", type=int, default=128, help="width of the hidden layers")
+    parser.add_argument("--layers", type=int, default=2, help="number of hidden layers")
     parser.add_argument("--tf_keras_python", default=None,
                         help="Python with tf_keras installed: also time tf-keras' PSS fit")
     parser.add_argument("--tf_keras_child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    HIDDEN[:] = [args.hidden] * args.layers
     steps = args.steps or (600 if args.quick else 3000)
     rounds = args.rounds or (60 if args.quick else 300)
     if args.tf_keras_child:
@@ -195,7 +201,8 @@ def _run_tf_keras_child(args, steps: int) -> float:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     command = [args.tf_keras_python, os.path.abspath(__file__), "--tf_keras_child",
-               "--steps", str(steps), "--batch_size", str(args.batch_size)]
+               "--steps", str(steps), "--batch_size", str(args.batch_size),
+               "--hidden", str(args.hidden), "--layers", str(args.layers)]
     if args.quick:
         command.append("--quick")
     output = subprocess.run(command, env=env, capture_output=True, text=True,
@@ -214,12 +221,7 @@ def tf_keras_child(steps: int, batch_size: int, repeats: int) -> None:
         local_cluster(workers=WORKERS, ps=1))
     dataset_fn = make_dataset_fn(0, batch_size)
     with strategy.scope():
-        model = tf_keras.Sequential([
-            tf_keras.Input((FEATURES,)),
-            tf_keras.layers.Dense(128, activation="relu"),
-            tf_keras.layers.Dense(128, activation="relu"),
-            tf_keras.layers.Dense(CLASSES, activation="softmax"),
-        ])
+        model = make_model(tf_keras)
         model.compile(optimizer=tf_keras.optimizers.SGD(0.01),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     creator = tf_keras.utils.experimental.DatasetCreator(dataset_fn)
