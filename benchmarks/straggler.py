@@ -153,11 +153,11 @@ def main() -> None:
         fit_model.fit(dataset_fn, epochs=1, steps_per_epoch=n, verbose=0)
         return n / (time.perf_counter() - start)
 
-    # Warm up (tracing, iterator creation) outside the timed runs.
-    hand_loop(2 * WORKERS)
-    sync_rounds(2)
-    fit(2 * WORKERS)
-    fit(16 * WORKERS, spe_model)
+    # Warm up (tracing, iterator creation, first copies) outside the timed runs.
+    hand_loop(50 * WORKERS)
+    sync_rounds(5)
+    fit(50 * WORKERS)
+    fit(50 * WORKERS, spe_model)
 
     results = {"hand_loop": [], "sync": [], "fit": [], "fit_spe8": []}
     repeats = 3
