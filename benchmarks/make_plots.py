@@ -133,6 +133,7 @@ def plot_straggler() -> str:
     bars = ax.bar([labels[n] for n in names], [rates[n] for n in names],
                   color=[colors[n] for n in names])
     ax.bar_label(bars, fmt="%.0f")
+    ax.set_ylim(0, 1.12 * max(rates[n] for n in names))  # room for the labels
     ax.set_ylabel("steps / s (best of repeats)")
     ax.set_title("4 workers + 1 PS, one worker 4x slower (local cluster, 2 cores)")
     fig.tight_layout()
