@@ -41,11 +41,12 @@ SCRIPT = textwrap.dedent('''
         model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
                                   keras.layers.Dense(2, activation="softmax")])
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
-                      metrics=["accuracy"])
+                      metrics=["accuracy"],
+                      steps_per_execution=int(os.environ["STEPS_PER_EXECUTION"]))
 
     class KillWorker(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            if self.params and batch == STEPS // 2 and not getattr(self, "done", False):
+            if self.params and batch >= STEPS // 2 and not getattr(self, "done", False):
                 self.done = True
                 with open(os.path.join(PID_DIR, "worker_1.pid")) as f:
                     pid = int(f.read())
@@ -64,10 +65,14 @@ SCRIPT = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_fit_survives_killed_worker_with_exact_step_count(tmp_path):
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_fit_survives_killed_worker_with_exact_step_count(tmp_path, steps_per_execution):
+    """With 4 steps per scheduled call, a call retried after the kill skips the
+    steps its first attempt had already committed and runs the rest."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     env = dict(os.environ)
+    env["STEPS_PER_EXECUTION"] = str(steps_per_execution)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["PID_DIR"] = str(tmp_path)
     env.pop("TF_CONFIG", None)
