@@ -652,3 +652,36 @@ def test_resume_from_checkpoint_after_ps_loss(fresh_process, tmp_path):
     assert all("/job:ps/" in d for d in restored["devices"]), restored["devices"]
     assert restored["iterations_after"] == restored["version_after"] == 40
     assert np.isfinite(restored["loss"])
+
+
+# ------------------------------------------------ train step graph (no cluster)
+
+
+def test_version_is_read_after_the_batch_arrives():
+    """τ counts updates from the read to the apply: the read must wait for the
+    batch, or time spent waiting for input (a straggler's) adds staleness."""
+    from tf_async.strategies._ps_train_step import PSCounters, TrainStep
+
+    strategy = tf.distribute.get_strategy()
+    model = _model()
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.build((None, N_FEATURES))
+    counters = PSCounters(strategy)
+    train_step = TrainStep(model, counters, max_staleness=None)
+
+    @tf.function
+    def step(x, y):
+        train_step.replica_fn(tf.constant(0, tf.int64), (x, y))
+
+    graph = step.get_concrete_function(
+        tf.TensorSpec((8, N_FEATURES)), tf.TensorSpec((8,), tf.int32)).graph
+    placeholder = next(
+        internal for external, internal in graph.captures
+        if external is counters.version.handle)
+    reads = [op for op in graph.get_operations()
+             if op.type == "ReadVariableOp" and op.inputs[0] is placeholder]
+    assert reads, "no read of the version counter"
+    batch_ops = {op for op in graph.get_operations() if op.type == "Placeholder"
+                 and op.outputs[0].dtype != tf.resource}
+    first_read = reads[0]
+    assert batch_ops & set(first_read.control_inputs), first_read.control_inputs
