@@ -26,6 +26,8 @@ import os
 import sys
 import time
 
+from _flags import positive_int  # noqa: E402 (benchmarks/ is on sys.path)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -148,9 +150,9 @@ class Config:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (< 2 minutes)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="timed steps per config (rounded to multiples of 16)")
-    parser.add_argument("--batch", type=int, default=64, help="per-replica batch size")
+    parser.add_argument("--batch", type=positive_int, default=64, help="per-replica batch size")
     args = parser.parse_args(argv)
     rounds = max(1, (args.steps or (48 if args.quick else 320)) // Config.CHUNK)
     steps = rounds * Config.CHUNK

@@ -24,6 +24,8 @@ import re
 import subprocess
 import sys
 
+from _flags import positive_int  # noqa: E402 (benchmarks/ is on sys.path)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -145,7 +147,7 @@ def plot_straggler() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["loss", "straggler"], default=None)
-    parser.add_argument("--steps", type=int, default=600, help="steps per loss curve")
+    parser.add_argument("--steps", type=positive_int, default=600, help="steps per loss curve")
     args = parser.parse_args()
     os.makedirs(OUT, exist_ok=True)
     written = []

@@ -20,6 +20,8 @@ import argparse
 import os
 import time
 
+from _flags import positive_int  # noqa: E402 (benchmarks/ is on sys.path)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
@@ -89,9 +91,9 @@ def measure(strategy_factory, args) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (< 2 min)")
-    parser.add_argument("--inputs", type=int, default=784)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--inputs", type=positive_int, default=784)
+    parser.add_argument("--hidden", type=positive_int, default=512)
+    parser.add_argument("--batch", type=positive_int, default=128)
     args = parser.parse_args()
     args.rounds, args.steps, args.warmup = (60, 5, 10) if args.quick else (200, 5, 20)
 

@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from _flags import non_negative_int, positive_int  # noqa: E402 (benchmarks/ is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -121,11 +123,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model, < 2 minutes")
     parser.add_argument("--replicas", default=None, help="comma list, default 2,4,8")
-    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--depth", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--child", type=non_negative_int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--width", type=positive_int, default=None)
+    parser.add_argument("--depth", type=positive_int, default=None)
+    parser.add_argument("--steps", type=positive_int, default=None)
+    parser.add_argument("--rounds", type=positive_int, default=None)
     args = parser.parse_args()
     width = args.width or (256 if args.quick else 1024)
     depth = args.depth or 4

@@ -22,6 +22,8 @@ import os
 import sys
 import time
 
+from _flags import positive_int  # noqa: E402 (benchmarks/ is on sys.path)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,10 +86,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="short run (< 2 min): sync and M=16 only, 2-point λ grids")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--seeds", type=int, default=None, help="seeds averaged")
+    parser.add_argument("--steps", type=positive_int, default=None)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--hidden", type=positive_int, default=64)
+    parser.add_argument("--seeds", type=positive_int, default=None, help="seeds averaged")
     args = parser.parse_args()
     if args.steps is None:
         args.steps = 400 if args.quick else 800

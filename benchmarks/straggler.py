@@ -30,6 +30,8 @@ import argparse
 import os
 import time
 
+from _flags import non_negative_int, positive_int  # noqa: E402 (benchmarks/ is on sys.path)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FEATURES = 64
@@ -75,12 +77,12 @@ def make_dataset_fn(delay_ms: int, batch_size: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (< 2 min)")
-    parser.add_argument("--delay_ms", type=int, default=40)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=None, help="async steps measured")
-    parser.add_argument("--rounds", type=int, default=None, help="sync rounds measured")
-    parser.add_argument("--hidden", type=int, default=128, help="width of the hidden layers")
-    parser.add_argument("--layers", type=int, default=2, help="number of hidden layers")
+    parser.add_argument("--delay_ms", type=non_negative_int, default=40)
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument("--steps", type=positive_int, default=None, help="async steps measured")
+    parser.add_argument("--rounds", type=positive_int, default=None, help="sync rounds measured")
+    parser.add_argument("--hidden", type=positive_int, default=128, help="width of the hidden layers")
+    parser.add_argument("--layers", type=positive_int, default=2, help="number of hidden layers")
     parser.add_argument("--tf_keras_python", default=None,
                         help="Python with tf_keras installed: also time tf-keras' PSS fit")
     parser.add_argument("--tf_keras_child", action="store_true", help=argparse.SUPPRESS)
