@@ -225,6 +225,7 @@ def test_evaluate_and_predict_use_live_weights():
         ({"num_workers": 2.0}, TypeError, "num_workers"),
         ({"num_workers": 2, "staleness": "fifo"}, ValueError, "staleness"),
         ({"num_workers": 2, "max_staleness": -1}, ValueError, "max_staleness"),
+        ({"num_workers": 2, "max_staleness": 1.5}, TypeError, "max_staleness"),
         ({"num_workers": 2, "seed": "x"}, TypeError, "seed"),
     ],
 )

@@ -197,3 +197,19 @@ def read_value(variable) -> tf.Tensor:
     if context is None:
         return _current_value(variable)
     return context.read_value(variable)
+
+
+def check_max_staleness(max_staleness) -> Optional[int]:
+    """A strategy's ``max_staleness`` argument: ``None`` or an int >= 0.
+
+    Raises ``TypeError`` for a non-int and ``ValueError`` for a negative int.
+    """
+    if max_staleness is None:
+        return None
+    if isinstance(max_staleness, bool) or not isinstance(max_staleness, int):
+        raise TypeError(
+            f"`max_staleness` must be None or an int >= 0, got {max_staleness!r}."
+        )
+    if max_staleness < 0:
+        raise ValueError(f"`max_staleness` must be None or an int >= 0, got {max_staleness}.")
+    return max_staleness

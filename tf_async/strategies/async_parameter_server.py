@@ -22,24 +22,10 @@ from typing import Optional
 import tensorflow as tf
 
 from tf_async import _keras_fit
+from tf_async.staleness import check_max_staleness
 from tf_async.strategies import _ps_fit_loop
 
 __all__ = ["AsyncParameterServerStrategy"]
-
-
-def _check_max_staleness(max_staleness) -> Optional[int]:
-    if max_staleness is None:
-        return None
-    if isinstance(max_staleness, bool) or not isinstance(max_staleness, int):
-        raise TypeError(
-            f"`max_staleness` must be None or an int >= 0, got {max_staleness!r}."
-        )
-    if max_staleness < 0:
-        raise ValueError(
-            f"`max_staleness` must be None (fully asynchronous) or an int >= 0, "
-            f"got {max_staleness}."
-        )
-    return max_staleness
 
 
 def _check_cluster(cluster_resolver) -> int:
@@ -98,7 +84,7 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         variable_partitioner=None,
         log_every_steps: Optional[int] = None,
     ):
-        self._max_staleness = _check_max_staleness(max_staleness)
+        self._max_staleness = check_max_staleness(max_staleness)
         if log_every_steps is not None and (
             isinstance(log_every_steps, bool)
             or not isinstance(log_every_steps, int)

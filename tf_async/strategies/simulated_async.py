@@ -35,6 +35,7 @@ import keras
 import tensorflow as tf
 
 from tf_async import _keras_fit, staleness
+from tf_async.staleness import check_max_staleness
 
 __all__ = ["SimulatedAsyncStrategy"]
 
@@ -88,15 +89,7 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
             raise ValueError(
                 f"`staleness` must be one of {STALENESS_MODES}; received staleness={staleness!r}."
             )
-        if max_staleness is not None:
-            if isinstance(max_staleness, bool) or not isinstance(max_staleness, int):
-                raise TypeError(
-                    f"`max_staleness` must be None or an int >= 0; received {max_staleness!r}."
-                )
-            if max_staleness < 0:
-                raise ValueError(
-                    f"`max_staleness` must be >= 0; received max_staleness={max_staleness}."
-                )
+        check_max_staleness(max_staleness)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"`seed` must be an int; received seed={seed!r}.")
         super().__init__(device)
