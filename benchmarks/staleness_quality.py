@@ -111,20 +111,20 @@ def main() -> None:
         results = [train(kind, workers, lam, data, args, seed) for seed in range(args.seeds)]
         return {key: float(np.mean([r[key] for r in results])) for key in results[0]}
 
+    def best_on_grid(kind, workers, lams, label, symbol):
+        """The row of the λ chosen on the validation split (the grid is printed)."""
+        grid = {lam: run(kind, workers, lam) for lam in lams}
+        best = max(grid, key=lambda lam: grid[lam]["val_acc"])
+        print(f"  M={workers} {label} grid {symbol} -> val/test acc: " + ", ".join(
+            f"{lam}: {r['val_acc']:.3f}/{r['test_acc']:.3f}" for lam, r in grid.items()))
+        return ("async", workers, label, grid[best], f"{symbol}={best}")
+
     rows = [("sync", 1, "SGD-momentum", run("sgdm", 1), "")]
     for workers in ((16,) if args.quick else (8, 16)):
         rows.append(("async", workers, "SGD-momentum", run("sgdm", workers), ""))
-        grid = {lam: run("dcsgd", workers, lam) for lam in dcsgd_grid}
-        best = max(grid, key=lambda lam: grid[lam]["val_acc"])
-        print(f"  M={workers} DCSGD(adaptive) grid λ0 -> val/test acc: " + ", ".join(
-            f"{lam}: {r['val_acc']:.3f}/{r['test_acc']:.3f}" for lam, r in grid.items()))
-        rows.append(("async", workers, "DCSGD adaptive", grid[best], f"λ0={best}"))
+        rows.append(best_on_grid("dcsgd", workers, dcsgd_grid, "DCSGD adaptive", "λ0"))
         rows.append(("async", workers, "Adam", run("adam", workers), ""))
-        grid = {lam: run("dcadam", workers, lam) for lam in dcadam_grid}
-        best = max(grid, key=lambda lam: grid[lam]["val_acc"])
-        print(f"  M={workers} DCAdam grid λ -> val/test acc: " + ", ".join(
-            f"{lam}: {r['val_acc']:.3f}/{r['test_acc']:.3f}" for lam, r in grid.items()))
-        rows.append(("async", workers, "DCAdam", grid[best], f"λ={best}"))
+        rows.append(best_on_grid("dcadam", workers, dcadam_grid, "DCAdam", "λ"))
 
     print(f"\n{'mode':6} {'M':>3}  {'optimizer':16} {'test acc':>8} {'final loss':>10}"
           f" {'val acc':>8}  chosen")

@@ -122,7 +122,7 @@ def check_class_weight_applies(element_spec) -> None:
         raise ValueError("`class_weight` needs a single target tensor `y`.")
 
 
-def with_class_weight(dataset: tf.data.Dataset, class_weight: dict) -> tf.data.Dataset:
+def _weigh_by_class(dataset: tf.data.Dataset, class_weight: dict) -> tf.data.Dataset:
     """``(x, y)`` → ``(x, y, weight of y's class)``. One-hot ``y`` (last axis > 1)
     is argmaxed, as in Keras; classes missing from ``class_weight`` weigh 1."""
     size = max(class_weight) + 1
@@ -163,15 +163,13 @@ def with_class_weights(source, class_weight: Optional[dict]):
         return source
     if isinstance(source, tf.data.Dataset):
         check_class_weight_applies(source.element_spec)
-        return with_class_weight(source, class_weight)
+        return _weigh_by_class(source, class_weight)
     takes_context = takes_input_context(source)
 
     def weighted(*context):
-        dataset = source(*context)
-        if not isinstance(dataset, tf.data.Dataset):
-            return dataset  # per_worker_iterator reports the wrong type
+        dataset = _returned_dataset(source(*context))
         check_class_weight_applies(dataset.element_spec)
-        return with_class_weight(dataset, class_weight)
+        return _weigh_by_class(dataset, class_weight)
 
     if takes_context:
         return lambda input_context: weighted(input_context)
@@ -251,10 +249,28 @@ def per_worker_iterator(strategy, coordinator, source):
     return _keras_fit.per_worker_iterator(remote_values)
 
 
-def _repeated(dataset):
+def _returned_dataset(dataset) -> tf.data.Dataset:
     if not isinstance(dataset, tf.data.Dataset):
         raise ValueError(
             "`x`: the dataset function must return a tf.data.Dataset, got "
             f"{type(dataset).__name__}."
         )
-    return dataset.repeat()
+    return dataset
+
+
+def _repeated(dataset):
+    return _returned_dataset(dataset).repeat()
+
+
+def element_spec(source, num_workers: int):
+    """The batch spec of a dataset or dataset function (called here once, with
+    worker 0's ``InputContext``, so a bad function fails before scheduling)."""
+    if isinstance(source, tf.data.Dataset):
+        return source.element_spec
+    if takes_input_context(source):
+        dataset = source(
+            tf.distribute.InputContext(num_input_pipelines=num_workers, input_pipeline_id=0)
+        )
+    else:
+        dataset = source()
+    return _returned_dataset(dataset).element_spec

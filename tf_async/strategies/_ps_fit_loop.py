@@ -37,25 +37,6 @@ def _floats(logs: dict) -> dict:
     return out
 
 
-def _element_spec(source, strategy):
-    if isinstance(source, tf.data.Dataset):
-        return source.element_spec
-    if _ps_data.takes_input_context(source):
-        dataset = source(
-            tf.distribute.InputContext(
-                num_input_pipelines=strategy.num_workers, input_pipeline_id=0
-            )
-        )
-    else:
-        dataset = source()
-    if not isinstance(dataset, tf.data.Dataset):
-        raise ValueError(
-            "`x`: the dataset function must return a tf.data.Dataset, got "
-            f"{type(dataset).__name__}."
-        )
-    return dataset.element_spec
-
-
 # Steps of one scheduled function are unrolled in groups of at most this many
 # (a ``tf.while_loop`` runs the groups), as Keras' unrolled steps per execution.
 UNROLL = 8
@@ -190,7 +171,7 @@ def run_fit(
 
     coordinator = strategy.coordinator
     with strategy.scope():
-        _keras_fit.symbolic_build(model, _element_spec(source, strategy))
+        _keras_fit.symbolic_build(model, _ps_data.element_spec(source, strategy.num_workers))
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
     if not model.trainable_variables:
