@@ -88,18 +88,20 @@ def send(tensors: Sequence, destinations: Sequence[Optional[str]]) -> list:
     if len(tensors) != len(destinations):
         raise ValueError("`tensors` and `destinations` must have the same length.")
     out = list(tensors)
-    buckets: dict = {}
+    buckets: dict = {}  # (source, destination) -> lists of indices
+    filled: dict = {}  # (source, destination) -> bytes in its last list
     for index, (tensor, destination) in enumerate(zip(tensors, destinations)):
         nbytes = _nbytes(tensor)
         destination = destination or ""
         if nbytes is None or nbytes > FUSE_BYTES or _device(tensor) == destination:
             continue
-        route = buckets.setdefault((_device(tensor), destination), [[]])
-        current = route[-1]
-        if current and sum(_nbytes(tensors[i]) for i in current) + nbytes > BUCKET_BYTES:
-            current = []
-            route.append(current)
-        current.append(index)
+        key = (_device(tensor), destination)
+        route = buckets.setdefault(key, [[]])
+        if route[-1] and filled[key] + nbytes > BUCKET_BYTES:
+            route.append([])
+            filled[key] = 0
+        route[-1].append(index)
+        filled[key] = filled.get(key, 0) + nbytes
     for (source, destination), route in buckets.items():
         for indices in route:
             if len(indices) == 1:
