@@ -185,26 +185,28 @@ class TrainStep:
         the reads ran (so optimizers that use ``w_read`` on the PS, such as
         DC-ASGD, cost no transfer back). The reads run after the ops ``after``.
         """
-        reads, owners = [], []
+        reads, shard_counts = [], []
         # Only the reads wait for ``after``: a control edge into the worker's
         # part of the graph would cost one more cross-device message.
         with tf.control_dependencies(after):
-            for index, variable in enumerate(self.model.trainable_variables):
+            for variable in self.model.trainable_variables:
                 target = variable.value
-                for part in getattr(target, "variables", None) or [target]:  # shards
+                parts = getattr(target, "variables", None) or [target]  # shards
+                for part in parts:
                     with tf.device(part.device):
                         reads.append(part.read_value())
-                    owners.append(index)
+                shard_counts.append(len(parts))
         received = _fused_transfer.send(reads, [None] * len(reads))
         values, commit_values = [], []
-        for index in range(len(self.model.trainable_variables)):
-            parts = [i for i, owner in enumerate(owners) if owner == index]
-            if len(parts) == 1:
-                values.append(received[parts[0]])
-                commit_values.append(reads[parts[0]])
+        first = 0
+        for count in shard_counts:
+            if count == 1:
+                values.append(received[first])
+                commit_values.append(reads[first])
             else:  # a ShardedVariable: its shards concatenated on the worker
-                values.append(tf.concat([received[i] for i in parts], axis=0))
+                values.append(tf.concat(received[first:first + count], axis=0))
                 commit_values.append(values[-1])
+            first += count
         return commit_values, values
 
     def _apply(self, gradients, values, tau) -> tf.Operation:
