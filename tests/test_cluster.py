@@ -45,6 +45,8 @@ def test_unset_tf_config_raises(monkeypatch):
     ({"workers": 0}, "`workers` must be >= 1"),
     ({"workers": 1, "ps": -1}, "`ps` must be >= 0"),
     ({"workers": 1, "ps": 1, "worker_inter_op_threads": 0}, "worker_inter_op_threads"),
+    ({"workers": 1, "ps": 1, "worker_inter_op_threads": 2.5},
+     "`worker_inter_op_threads` must be an int >= 1"),
     ({"workers": 1, "ps": 1, "intra_op_threads": 0}, "`intra_op_threads` must be an int >= 1"),
     ({"workers": 1, "ps": 1, "intra_op_threads": 1.5}, "`intra_op_threads` must be an int"),
     ({"workers": 1, "ps": 1, "intra_op_threads": True}, "`intra_op_threads` must be an int"),

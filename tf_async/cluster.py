@@ -138,18 +138,16 @@ def local_cluster(
     import tensorflow as tf
 
     check_task_counts(workers, ps)
+    for name, value in (("worker_inter_op_threads", worker_inter_op_threads),
+                        ("intra_op_threads", intra_op_threads)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
     if worker_inter_op_threads is None:
         worker_inter_op_threads = workers + 1
-    elif worker_inter_op_threads < 1:
-        raise ValueError(
-            "`worker_inter_op_threads` must be >= 1, got "
-            f"{worker_inter_op_threads}."
-        )
     if intra_op_threads is None:
         intra_op_threads = max(1, (os.cpu_count() or 1) // (workers + ps))
-    elif isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) \
-            or intra_op_threads < 1:
-        raise ValueError(f"`intra_op_threads` must be an int >= 1, got {intra_op_threads!r}.")
     worker_addresses = [
         f"{LOOPBACK}:{p}" for p in _ports(workers, worker_ports, "worker_ports")
     ]
