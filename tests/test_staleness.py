@@ -151,3 +151,26 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="tau"):
         with staleness.publish(tf.constant([1, 2]), [v], [tf.zeros(2)]):
             pass
+
+
+def test_rows_read_of_a_table_are_published_as_indexed_slices():
+    table = keras.Variable(np.arange(12, dtype=np.float32).reshape(6, 2))
+    dense = keras.Variable(np.ones(3, np.float32))
+    rows = tf.IndexedSlices(tf.constant([[9.0, 9.0], [8.0, 8.0]]), tf.constant([4, 1], tf.int64),
+                            tf.constant([6, 2], tf.int64))
+    with staleness.publish(1, [table, dense], [rows, tf.zeros(3)]):
+        assert staleness.is_row_read(table)
+        assert not staleness.is_row_read(dense)
+        got = staleness.read_value(table)
+        assert isinstance(got, tf.IndexedSlices)
+        np.testing.assert_array_equal(got.indices, [4, 1])
+        np.testing.assert_array_equal(got.values, [[9.0, 9.0], [8.0, 8.0]])
+    assert not staleness.is_row_read(table)
+
+
+def test_rows_read_with_wrong_row_shape_raise():
+    table = keras.Variable(np.zeros((6, 2), np.float32))
+    bad = tf.IndexedSlices(tf.zeros([2, 3]), tf.constant([0, 1], tf.int64))
+    with pytest.raises(ValueError, match=r"rows read of variable .* \(shape \(6, 2\)\)"):
+        with staleness.publish(0, [table], [bad]):
+            pass

@@ -11,12 +11,18 @@ A train step that knows its gradient is stale publishes, around its call to
 * ``tau`` — int64 scalar: number of updates other workers applied between this
   step's read of the weights and its apply (``version_at_apply -
   version_at_read``).
-* ``read_values`` — per variable, the value the gradient was computed at.
+* ``read_values`` — per variable, the value the gradient was computed at. For
+  an embedding table whose step read only the rows its batch looks up (the
+  asynchronous parameter-server step does), a ``tf.IndexedSlices`` of those
+  rows: ``values[i]`` is row ``indices[i]`` as read, the indices are unique and
+  are the same indices as the table's ``IndexedSlices`` gradient.
 
 Inside ``update_step(gradient, variable, learning_rate)`` an optimizer reads::
 
     tau = staleness.current_tau()                 # int64 scalar tensor
     w_read = staleness.read_value(variable)       # tensor, variable's dtype
+                                                  # (IndexedSlices of rows for a
+                                                  # table read row by row)
 
 With no published context (ordinary synchronous training) ``current_tau()``
 is 0 and ``read_value(v)`` is ``v``'s current value, so delay compensation
@@ -51,6 +57,7 @@ __all__ = [
     "current",
     "current_tau",
     "read_value",
+    "is_row_read",
 ]
 
 
@@ -72,8 +79,10 @@ class StepContext:
     def read_value(self, variable) -> tf.Tensor:
         """The value ``variable`` had when the gradient was computed.
 
-        Falls back to the variable's current value if the step did not
-        publish a read value for it (its gradient is then treated as fresh).
+        A ``tf.IndexedSlices`` of the rows read for a table whose step read
+        only some rows (see :func:`is_row_read`). Falls back to the variable's
+        current value if the step did not publish a read value for it (its
+        gradient is then treated as fresh).
         """
         value = self._read_values.get(_keras_fit.variable_key(variable))
         if value is None:
@@ -134,8 +143,10 @@ def publish(
       tau: integer scalar (tensor or Python int), the step's staleness τ.
       variables: the variables the gradient is for (Keras or tf variables).
       read_values: for each of ``variables``, the value the gradient was
-        computed at (same shape). May be empty: then ``read_value`` returns
-        current values.
+        computed at (same shape), or a ``tf.IndexedSlices`` of the rows read
+        (``values`` of shape ``[rows, *variable.shape[1:]]``, unique
+        ``indices``) for a table the step read row by row. May be empty: then
+        ``read_value`` returns current values.
 
     Raises:
       ValueError: if ``variables`` and ``read_values`` differ in length or a
@@ -155,6 +166,10 @@ def publish(
         raise ValueError(f"publish(): `tau` must be a scalar, got shape {tau.shape}.")
     mapping = {}
     for variable, value in zip(variables, read_values):
+        if isinstance(value, tf.IndexedSlices):
+            _check_rows(variable, value)
+            mapping[_keras_fit.variable_key(variable)] = value
+            continue
         value = tf.convert_to_tensor(value)
         if value.shape.is_fully_defined() and tuple(value.shape) != tuple(
             variable.shape
@@ -172,6 +187,35 @@ def publish(
         yield context
     finally:
         stack.pop()
+
+
+def _check_rows(variable, rows: tf.IndexedSlices) -> None:
+    """Rows read of a table: ``values`` ``[n, *variable.shape[1:]]``, 1-D indices."""
+    shape = tuple(variable.shape)
+    row_shape = rows.values.shape[1:]
+    ok = (
+        len(shape) >= 1
+        and rows.indices.shape.rank in (None, 1)
+        and rows.values.shape.rank in (None, len(shape))
+        and (rows.values.shape.rank is None or row_shape.is_compatible_with(shape[1:]))
+    )
+    if not ok:
+        raise ValueError(
+            "publish(): the rows read of variable "
+            f"{getattr(variable, 'path', getattr(variable, 'name', variable))} "
+            f"(shape {shape}) must be an IndexedSlices with 1-D indices and values "
+            f"of shape [n, {', '.join(map(str, shape[1:]))}]; got values "
+            f"{rows.values.shape} and indices {rows.indices.shape}."
+        )
+
+
+def is_row_read(variable) -> bool:
+    """True if the step being traced read only some rows of ``variable``
+    (its read value is then a ``tf.IndexedSlices``)."""
+    context = current()
+    return context is not None and isinstance(
+        context._read_values.get(_keras_fit.variable_key(variable)), tf.IndexedSlices
+    )
 
 
 def current() -> Optional[StepContext]:
