@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from tf_async import _keras_fit
 from tf_async.staleness import check_max_staleness
-from tf_async.strategies import _ps_fit_loop
+from tf_async.strategies import _nonfinite, _ps_fit_loop
 
 __all__ = ["AsyncParameterServerStrategy"]
 
@@ -67,6 +67,13 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         ``tf.distribute.experimental.partitioners.MinSizePartitioner``.
       log_every_steps: refresh the logs callbacks see every this many steps
         (default: every 2 seconds); epoch-end logs are always exact.
+      on_nonfinite: a step whose gradients, loss or non-trainable updates hold
+        NaN/Inf is never applied. ``"skip"`` (default): it changes nothing
+        (weights, optimizer state and ``iterations``, version, τ, metrics) and
+        is counted exactly in ``nonfinite_skipped`` (History, progress bar,
+        TensorBoard); ``"raise"``: ``fit`` stops with
+        ``tf_async.strategies.NonFiniteStepError`` naming the step and worker.
+        The check runs on the parameter server, where the apply runs.
 
     ``fit`` takes Keras' arguments, including ``class_weight`` (applied in
     each worker's input pipeline) and ``validation_split`` (arrays only, as in
@@ -74,7 +81,8 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
     run on the coordinator, reading the variables from the parameter servers.
 
     Raises:
-      ValueError: ``max_staleness < 0``; a cluster without ps or workers.
+      ValueError: ``max_staleness < 0``; a cluster without ps or workers;
+        ``on_nonfinite`` not ``"skip"``/``"raise"``.
     """
 
     def __init__(
@@ -83,8 +91,10 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         max_staleness: Optional[int] = None,
         variable_partitioner=None,
         log_every_steps: Optional[int] = None,
+        on_nonfinite: str = "skip",
     ):
         self._max_staleness = check_max_staleness(max_staleness)
+        self._on_nonfinite = _nonfinite.check_on_nonfinite(on_nonfinite)
         if log_every_steps is not None and (
             isinstance(log_every_steps, bool)
             or not isinstance(log_every_steps, int)
@@ -115,6 +125,10 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
     @property
     def max_staleness(self) -> Optional[int]:
         return self._max_staleness
+
+    @property
+    def on_nonfinite(self) -> str:
+        return self._on_nonfinite
 
     @property
     def num_workers(self) -> int:
@@ -157,7 +171,13 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
     # -- model.fit / evaluate / predict hooks (see tf_async/_keras_fit.py) -------
     def _tf_async_fit(self, model, original, *args, **kwargs):
         del original  # Keras 3's fit cannot schedule on a PS cluster.
-        return _ps_fit_loop.run_fit(self, model, *args, **kwargs)
+        try:
+            return _ps_fit_loop.run_fit(self, model, *args, **kwargs)
+        except tf.errors.InvalidArgumentError as error:
+            nonfinite = _nonfinite.from_tf_error(error)  # on_nonfinite="raise"
+            if nonfinite is None:
+                raise
+            raise nonfinite from None
 
     def _tf_async_evaluate(self, model, original, *args, **kwargs):
         return _ps_fit_loop.run_on_chief(self, model, original, *args, **kwargs)
