@@ -35,8 +35,8 @@ def _features(seed=0):
 def _poisoned(x):
     """A copy of ``x`` with a NaN and an Inf in it."""
     bad = x.copy()
-    bad[3, 1] = np.nan
-    bad[7, 5] = np.inf
+    bad[0, 1] = np.nan
+    bad[-1, 5] = np.inf
     return bad
 
 
@@ -271,3 +271,59 @@ def test_error_from_tf_assertion_names_step_and_worker():
     assert (error.step, error.worker) == (41, 2)
     assert "step 41 (worker 2)" in str(error)
     assert _nonfinite.from_tf_error(ValueError("other")) is None
+
+
+# ------------------------------------------------ SimulatedAsyncStrategy
+
+
+def _simulated_fit(batches, jit_compile=False, steps_per_execution=1, on_nonfinite="skip"):
+    from tf_async.strategies import SimulatedAsyncStrategy
+
+    strategy = SimulatedAsyncStrategy(3, on_nonfinite=on_nonfinite)
+    keras.utils.set_random_seed(4)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="tanh"),
+                                  keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse",
+                      metrics=["mae"], jit_compile=jit_compile,
+                      steps_per_execution=steps_per_execution)
+    dataset = tf.data.Dataset.from_tensor_slices(tuple(np.stack(b) for b in zip(*batches)))
+    history = model.fit(dataset, epochs=1, verbose=0)
+    return model, history.history
+
+
+@pytest.mark.parametrize("jit_compile, steps_per_execution", [(False, 1), (True, 1), (False, 4)])
+def test_simulated_async_skips_nonfinite_steps_as_if_absent(jit_compile, steps_per_execution):
+    """10 poisoned batches among 12 clean ones: weights, optimizer state, BatchNorm
+    statistics, τ sequence, iterations and metrics equal the clean run's."""
+    _, x, y = _features()
+    clean = [(x[i::12][:4], y[i::12][:4]) for i in range(12)]
+    poisoned = []
+    for i, batch in enumerate(clean):
+        poisoned.append(batch)
+        if i < BAD_STEPS:
+            poisoned.append((_poisoned(batch[0]), batch[1]))
+    assert len(poisoned) == 22
+    reference, expected = _simulated_fit(clean, jit_compile, steps_per_execution)
+    model, got = _simulated_fit(poisoned, jit_compile, steps_per_execution)
+    assert got["nonfinite_skipped"] == [10.0] and expected["nonfinite_skipped"] == [0.0]
+    assert int(model.optimizer.iterations.numpy()) == 12
+    assert _max_diff(model.get_weights(), reference.get_weights()) < 1e-6
+    assert _max_diff([v.numpy() for v in model.optimizer.variables],
+                     [v.numpy() for v in reference.optimizer.variables]) < 1e-6
+    for key in ("loss", "mae", "staleness_mean", "staleness_max"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, err_msg=key)
+
+
+def test_simulated_async_raise_names_step_and_worker():
+    from tf_async.strategies import NonFiniteStepError
+
+    _, x, y = _features()
+    batches = [(x[:4], y[:4])] * 5 + [(_poisoned(x[:4]), y[:4])] * 3
+    with pytest.raises(NonFiniteStepError, match=r"step 5 \(worker 2 of 3 simulated\)") as info:
+        _simulated_fit(batches, on_nonfinite="raise")
+    assert (info.value.step, info.value.worker) == (5, 2)
+    from tf_async.strategies import SimulatedAsyncStrategy
+
+    with pytest.raises(ValueError, match="`on_nonfinite` must be one of"):
+        SimulatedAsyncStrategy(2, on_nonfinite=True)
