@@ -17,6 +17,7 @@ the step and the bounded-staleness (SSP) protocol.
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import tensorflow as tf
@@ -43,6 +44,23 @@ def _check_cluster(cluster_resolver) -> int:
                 f"({ {k: len(v) for k, v in jobs.items()} })."
             )
     return len(jobs["worker"])
+
+
+def _cluster_lost_message(error) -> str:
+    text = str(getattr(error, "message", error))
+    tasks = sorted(set(re.findall(r"/job:ps/replica:\d+/task:(\d+)", text)))
+    which = f"parameter server task {', '.join(tasks)}" if tasks else "a parameter server"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    detail = next((line.strip() for line in text.splitlines()
+                   if "UNAVAILABLE" in line or "Connection" in line or "Socket" in line), "")
+    return (
+        f"AsyncParameterServerStrategy: fit stopped because {which} (or this "
+        "chief's connection to the cluster) is unreachable; the variables it held "
+        "and the steps since the last checkpoint are gone. Restart the parameter "
+        "servers (or the whole job) and, in a new process, run fit again with "
+        "keras.callbacks.BackupAndRestore (or load a ModelCheckpoint) to resume. "
+        f"TensorFlow said: {first} {detail}".strip()
+    )
 
 
 class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStrategy):
@@ -178,6 +196,10 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
             if nonfinite is None:
                 raise
             raise nonfinite from None
+        except tf.errors.UnavailableError as error:
+            # The coordinator retries lost workers itself: what reaches fit is
+            # a lost parameter server (or the chief's link to the cluster).
+            raise tf.errors.UnavailableError(None, None, _cluster_lost_message(error)) from None
 
     def _tf_async_evaluate(self, model, original, *args, **kwargs):
         return _ps_fit_loop.run_on_chief(self, model, original, *args, **kwargs)
