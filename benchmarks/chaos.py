@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -52,6 +51,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORKERS = 4
 FEATURES = 16
+HIDDEN = 256
 T0 = time.monotonic()
 
 
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args) -> argparse.Namespace:
     quick = args.quick
     args.epochs = args.epochs or (4 if quick else 8)
-    args.steps = args.steps or (400 if quick else 1000)
+    args.steps = args.steps or (1500 if quick else 4000)
     args.kill_every = args.kill_every or (4 if quick else 8)
     if args.ps_kill_epoch is None:
         args.ps_kill_epoch = args.epochs // 2
@@ -151,68 +151,94 @@ def _ledger_optimizer():
 
 
 class _WorkerChaos:
-    """Kills a random worker every ``every`` s and restarts it ``down`` s later."""
+    """Every ``every`` s, ``kill -9`` a random serving worker (one always
+    stays up) and restart it at the same address ``down`` s later."""
 
     def __init__(self, work: str, cluster: dict, every: float, down: float, seed: int):
         self.work, self.cluster, self.every, self.down = work, cluster, every, down
         self.rng = random.Random(seed)
         self.kills = 0
         self.children = []
+        self.restarting: set = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self):
-        self._thread.start()
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
 
     def stop(self):
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def _run(self):
-        from tf_async.cluster import make_tf_config
-
         while not self._stop.wait(self.every):
-            index = self.rng.randrange(len(self.cluster["worker"]))
+            with self._lock:
+                serving = [i for i in range(len(self.cluster["worker"]))
+                           if i not in self.restarting]
+                if len(serving) < 2:
+                    continue
+                index = self.rng.choice(serving)
+                self.restarting.add(index)
             with open(_pid_file(self.work, f"worker:{index}")) as f:
                 pid = int(f.read())
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
-                continue
+                pass
             self.kills += 1
             print(f"chaos: {time.monotonic() - T0:.1f}s killed worker {index} (pid {pid})",
                   flush=True)
-            if self._stop.wait(self.down):
-                return
-            env = dict(os.environ, TF_CONFIG=make_tf_config(self.cluster, "worker", index),
-                       TF_ASYNC_TASK=f"worker:{index}")
-            log = open(os.path.join(self.work, f"worker_{index}_restart{self.kills}.log"), "w")
-            # A child of the chief: in the cluster's network namespace, and in
-            # the chief's process group, so the launcher's cleanup ends it too.
+            threading.Thread(target=self._restart, args=(index,), daemon=True).start()
+
+    def _restart(self, index: int) -> None:
+        from tf_async.cluster import make_tf_config
+
+        if self._stop.wait(self.down):
+            return
+        env = dict(os.environ, TF_CONFIG=make_tf_config(self.cluster, "worker", index),
+                   TF_ASYNC_TASK=f"worker:{index}")
+        log = open(os.path.join(self.work, f"worker_{index}_restart{self.kills}.log"), "w")
+        # A child of the chief: in the cluster's network namespace, and in the
+        # chief's process group, so the launcher's cleanup ends it too.
+        with self._lock:
             self.children.append(subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--task=server"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-            started = time.monotonic()
-            self._wait_until_serving(self.cluster["worker"][index])
-            print(f"chaos: restarted worker {index}, serving after "
-                  f"{time.monotonic() - started:.1f}s", flush=True)
+        started = time.monotonic()
+        if self._wait_until_serving(self.cluster["worker"][index]):
+            print(f"chaos: {time.monotonic() - T0:.1f}s worker {index} serving again "
+                  f"({time.monotonic() - started:.1f}s after its restart)", flush=True)
+        with self._lock:
+            self.restarting.discard(index)
 
-    def _wait_until_serving(self, address: str) -> None:
-        """The next kill waits until the restarted worker's server is up (a
-        connect to its port on this namespace's loopback)."""
+    def _wait_until_serving(self, address: str) -> bool:
+        """Whether the restarted worker's server came up (a connect to its port
+        on this namespace's loopback)."""
         import socket
 
         host, port = address.rsplit(":", 1)
         while not self._stop.wait(0.2):
             with socket.socket() as probe:
                 if probe.connect_ex((host, int(port))) == 0:
-                    return
+                    return True
+        return False
 
     def kill_children(self):
-        for child in self.children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+        with self._lock:
+            for child in self.children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+
+
+def _record(work: str, kind: str, record: dict) -> None:
+    """One result line in ``work/records.jsonl`` (stdout is shared with TF's logs)."""
+    print(f"{kind} {json.dumps(record)}", flush=True)
+    with open(os.path.join(work, "records.jsonl"), "a") as f:
+        f.write(json.dumps({"kind": kind, **record}) + "\n")
 
 
 def _chief(args, work: str, phase: str) -> None:
@@ -227,7 +253,8 @@ def _chief(args, work: str, phase: str) -> None:
     strategy = tf_async.strategies.AsyncParameterServerStrategy(resolver)
     with strategy.scope():
         model = keras.Sequential([keras.Input((FEATURES,)),
-                                  keras.layers.Dense(32, activation="relu"),
+                                  keras.layers.Dense(HIDDEN, activation="relu"),
+                                  keras.layers.Dense(HIDDEN, activation="relu"),
                                   keras.layers.Dense(2)])
         model.compile(optimizer=_ledger_optimizer(), metrics=["accuracy"],
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -254,6 +281,8 @@ def _chief(args, work: str, phase: str) -> None:
                 chaos.stop()
 
         def on_train_batch_end(self, batch, logs=None):
+            if not ps_killed_at and not (phase == "chaos" and self.epoch >= args.ps_kill_epoch):
+                chaos.start()  # once training runs (start-up is not what is tested)
             now = time.monotonic()
             if now - getattr(self, "shown", 0.0) > 10:
                 self.shown = now
@@ -269,7 +298,7 @@ def _chief(args, work: str, phase: str) -> None:
             first = (epoch - self.first_epoch) * args.steps  # this fit's step ids
             done = counters().done.numpy()
             ids = np.arange(first, first + args.steps)
-            print("LEDGER " + json.dumps({
+            _record(work, "LEDGER", {
                 "phase": phase, "epoch": epoch, "planned": args.steps,
                 "at_seconds": round(time.monotonic() - T0, 1),
                 "done": int(np.sum(done[ids % done.size] == ids + 1)),
@@ -278,11 +307,10 @@ def _chief(args, work: str, phase: str) -> None:
                 "nonfinite_applied":
                     int(model.optimizer.nonfinite_applied.numpy()) - self.nonfinite,
                 "kills": chaos.kills,
-            }), flush=True)
+            })
 
     backup = keras.callbacks.BackupAndRestore(os.path.join(work, "backup"))
     start = time.monotonic()
-    chaos.start()
     try:
         model.fit(_dataset_fn(args.nan_every), epochs=args.epochs,
                   steps_per_epoch=args.steps, verbose=0, callbacks=[backup, Ledger()])
@@ -290,20 +318,19 @@ def _chief(args, work: str, phase: str) -> None:
         chaos.stop()
         since = time.monotonic() - ps_killed_at[0] if ps_killed_at else float("nan")
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        print("ERROR " + json.dumps({"seconds_after_ps_kill": since,
-                                     "type": type(error).__name__, "message": first_line}),
-              flush=True)
+        _record(work, "ERROR", {"phase": phase, "seconds_after_ps_kill": since,
+                                "type": type(error).__name__, "message": first_line})
         chaos.kill_children()
         os._exit(3)
     chaos.stop()
     weights = model.get_weights()
-    print("RESULT " + json.dumps({
+    _record(work, "RESULT", {
         "phase": phase, "seconds": time.monotonic() - start,
         "iterations": int(model.optimizer.iterations.numpy()),
         "version": strategy.global_version,
         "weights_finite": bool(all(np.isfinite(w).all() for w in weights)),
         "kills": chaos.kills,
-    }), flush=True)
+    })
     chaos.kill_children()
     os._exit(0)  # the coordinator would keep reconnecting to killed workers
 
@@ -331,10 +358,14 @@ def _launch_phase(args, work: str, phase: str):
         hung = True
     with open(os.path.join(work, f"{phase}.log"), "w") as f:
         f.write(out)
-    records = {
-        kind: [json.loads(m) for m in re.findall(rf"^\[chief 0\] {kind} (.*)$", out, re.M)]
-        for kind in ("LEDGER", "RESULT", "ERROR")
-    }
+    records = {"LEDGER": [], "RESULT": [], "ERROR": []}
+    path = os.path.join(work, "records.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                if record["phase"] == phase:
+                    records[record.pop("kind")].append(record)
     return records, hung, time.monotonic() - started, out
 
 

@@ -327,3 +327,19 @@ def test_simulated_async_raise_names_step_and_worker():
 
     with pytest.raises(ValueError, match="`on_nonfinite` must be one of"):
         SimulatedAsyncStrategy(2, on_nonfinite=True)
+
+
+def test_lost_parameter_server_message_says_what_happened_and_what_to_do():
+    """What fit raises when a PS dies (measured by benchmarks/chaos.py: within
+    seconds, no hang): an UnavailableError naming the task and the way back."""
+    from tf_async.strategies.async_parameter_server import _cluster_lost_message
+
+    error = tf.errors.UnavailableError(None, None, (
+        "Graph execution error:\n\nDetected at node concat/_6\n  (0) UNAVAILABLE:  "
+        "recvmsg:Connection reset by peer\nAdditional GRPC error information from "
+        "remote target /job:ps/replica:0/task:1 while calling /tensorflow.eager"))
+    message = _cluster_lost_message(error)
+    assert "parameter server task 1" in message
+    assert "BackupAndRestore" in message and "Connection reset by peer" in message
+    assert "a parameter server (or" in _cluster_lost_message(
+        tf.errors.UnavailableError(None, None, "Socket closed"))
