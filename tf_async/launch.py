@@ -103,7 +103,7 @@ def build_cluster(
 @dataclass
 class ClusterNetwork:
     """The network the cluster's processes run in: a private namespace held by
-    ``holder`` (a ``python -m tf_async._netns hold`` process), or the host's
+    ``holder`` (a ``tf_async/_netns.py hold`` process), or the host's
     (``holder is None``)."""
 
     holder: Optional[subprocess.Popen] = None
@@ -235,8 +235,9 @@ def launch(
     previous = {
         s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)
     }
-    cluster_network, warning = open_cluster_network(network, python)
+    cluster_network = ClusterNetwork()
     try:
+        cluster_network, warning = open_cluster_network(network, python)
         _report_network(cluster_network, warning, out, lock)
         for task in tasks:
             env = dict(os.environ)
