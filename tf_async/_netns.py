@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import socket
 import struct
@@ -57,6 +56,8 @@ def _write(path: str, text: str) -> None:
 
 
 def _bring_up_loopback() -> None:
+    import fcntl  # POSIX only: imported where it is used
+
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         request = struct.pack("16sh", b"lo", 0)
         flags = struct.unpack("16sh", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]

@@ -144,8 +144,8 @@ def local_cluster(
       ``ParameterServerStrategy`` / ``AsyncParameterServerStrategy``.
 
     Raises:
-      ValueError: workers < 1, ps < 0, a port in use, wrong number of ports,
-        ``private_network`` not a bool.
+      ValueError: workers < 1, ps < 0, a port in use, wrong number of ports.
+      TypeError: ``private_network`` not a bool.
     """
     import tensorflow as tf
 
@@ -219,7 +219,7 @@ def isolate_this_process() -> bool:
     if _ISOLATED:
         return _ISOLATED[0] == _netns.namespace_id("thread-self")
     try:
-        if threading_count() > 1:
+        if _thread_count() > 1:
             # unshare(CLONE_NEWUSER) needs one thread: only root can do this.
             if os.geteuid() != 0:
                 raise _netns.IsolationError(1, "not root (a multi-threaded process can "
@@ -237,7 +237,7 @@ def isolate_this_process() -> bool:
     return True
 
 
-def threading_count() -> int:
+def _thread_count() -> int:
     """OS threads of this process."""
     return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
 
