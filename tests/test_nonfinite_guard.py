@@ -343,3 +343,25 @@ def test_lost_parameter_server_message_says_what_happened_and_what_to_do():
     assert "BackupAndRestore" in message and "Connection reset by peer" in message
     assert "a parameter server (or" in _cluster_lost_message(
         tf.errors.UnavailableError(None, None, "Socket closed"))
+
+
+def test_nonfinite_skipped_reaches_tensorboard_and_the_progress_bar(tmp_path, capsys):
+    from tf_async.strategies import SimulatedAsyncStrategy
+
+    _, x, y = _features()
+    batches = [(x[:4], y[:4]), (_poisoned(x[:4]), y[:4]), (x[4:8], y[4:8])]
+    strategy = SimulatedAsyncStrategy(2)
+    with strategy.scope():
+        model = _linear_model()
+        model.compile(optimizer="sgd", loss="mse")
+    dataset = tf.data.Dataset.from_tensor_slices(tuple(np.stack(b) for b in zip(*batches)))
+    model.fit(dataset, epochs=1, verbose=1,
+              callbacks=[keras.callbacks.TensorBoard(str(tmp_path))])
+    assert "nonfinite_skipped: 1.0000" in capsys.readouterr().out
+    values = [
+        float(tf.make_ndarray(value.tensor))
+        for path in tmp_path.glob("train/events.out.tfevents.*")
+        for event in tf.compat.v1.train.summary_iterator(str(path))
+        for value in event.summary.value if value.tag == "epoch_nonfinite_skipped"
+    ]
+    assert values == [1.0]
