@@ -34,14 +34,19 @@ needs_namespaces = pytest.mark.skipif(
 )
 
 TASK = textwrap.dedent("""
-    import os, time
+    import os, pathlib, time
     from tf_async import _netns
     print("namespace", _netns.namespace_id(), "interfaces", ",".join(_netns.interfaces()),
           flush=True)
+    done = pathlib.Path(os.environ["DONE_DIR"])
+    (done / os.environ["TF_ASYNC_TASK"].replace(":", "_")).touch()
     if os.environ["TF_ASYNC_TASK"].startswith("chief"):
-        time.sleep(1)  # the others print before the chief's end stops them
+        # The chief's end stops the others: wait until they have printed.
+        deadline = time.monotonic() + 90
+        while len(list(done.iterdir())) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
     else:
-        time.sleep(60)
+        time.sleep(120)
 """)
 
 
@@ -51,10 +56,13 @@ def _launch(tmp_path, *flags):
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("TF_CONFIG", None)
+    done = tmp_path / "done"
+    done.mkdir()
+    env["DONE_DIR"] = str(done)
     result = subprocess.run(
         [sys.executable, "-m", "tf_async.launch", "--workers", "2", "--ps", "1", *flags,
          "--", str(script)],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     seen = dict(re.findall(r"^\[(\w+ \d)\] namespace (\S+) interfaces", result.stdout, re.M))
