@@ -117,7 +117,8 @@ if __name__ == "__main__":
         install_requires=_requirements(),
         extras_require={
             "test": ["pytest>=7", "portpicker>=1.5", "scikit-learn>=1.0", "matplotlib>=3.5",
-                     "tensorboard>=2.16", "importlib_resources"],
+                     "tensorboard>=2.16", "importlib_resources",
+                     "pyyaml>=6"],  # docs/multi_machine.md's TFJob manifest is parsed
             "examples": ["scikit-learn>=1.0", "matplotlib>=3.5", "tensorboard>=2.16",
                          "importlib_resources"],  # tfds 4.9 needs it to download
         },

@@ -77,7 +77,10 @@ def build_async_ps():
     if os.environ.get("TF_CONFIG"):
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     else:
-        resolver = tf_async.local_cluster(workers=FLAGS.workers, ps=FLAGS.ps)
+        # Loopback-only network namespace (where the OS allows it): the
+        # in-process servers are reachable from this process only.
+        resolver = tf_async.local_cluster(workers=FLAGS.workers, ps=FLAGS.ps,
+                                          private_network=True)
     return tf_async.strategies.AsyncParameterServerStrategy(
         resolver, max_staleness=FLAGS.max_staleness)
 

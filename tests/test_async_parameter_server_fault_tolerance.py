@@ -89,3 +89,26 @@ def test_fit_survives_killed_worker_with_exact_step_count(tmp_path, steps_per_ex
     assert values["version"] == values["steps_scheduled"] == "160", values
     assert values["iterations"] == "160", values
     assert float(values["final_loss"]) < 1e9  # finite
+
+
+@pytest.mark.slow
+def test_chaos_benchmark_loses_and_duplicates_nothing():
+    """A short run of benchmarks/chaos.py: workers kill -9'ed and restarted,
+    non-finite batches, the PS killed (a clear error within 60 s, no hang) and
+    the fit resumed from BackupAndRestore to its planned step count."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("TF_CONFIG", None)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "chaos.py"), "--quick",
+         "--epochs=2", "--steps=300", "--kill_every=2", "--down=1", "--ps_kill_epoch=1"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
+    values = dict(re.findall(r"^(\w+): (\S+)$", out, re.M))
+    assert values["steps_lost_or_duplicated"] == "0", out[-3000:]
+    assert values["nonfinite_updates_applied"] == "0", out[-3000:]
+    assert int(values["nonfinite_skipped_total"]) > 0, out[-3000:]
+    assert float(values["ps_loss_to_error_seconds"]) < 60, out[-3000:]
+    assert "fit stopped because parameter server" in out, out[-3000:]

@@ -21,6 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("optimizer_overhead.py", "--hidden", "0", ">= 1"),
     ("sharded_adam.py", "--width", "0", ">= 1"),
     ("staleness_quality.py", "--seeds", "0", ">= 1"),
+    ("chaos.py", "--steps", "0", ">= 1"),
+    ("chaos.py", "--down", "-1", ">= 0"),
 ])
 def test_bad_numeric_flag_is_named(script, flag, value, allowed):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -77,6 +77,11 @@ def test_fit_runs_bound_train_step_through_strategy_run():
     source = inspect.getsource(TensorFlowTrainer.train_step)
     assert f"self.optimizer.{_keras_fit.APPLY_GRADIENTS_NAME}(" in source
     assert source.index("tape.gradient") < source.index("self.optimizer.apply_gradients")
+    # The simulator's non-finite guard sees the loss in scale_loss, before the
+    # gradient is taken of what it returns.
+    scale = f"loss = self.optimizer.{_keras_fit.SCALE_LOSS_NAME}(loss)"
+    assert scale in source
+    assert source.index(scale) < source.index("tape.gradient(loss")
 # ---- LocalUpdateStrategy seams (Keras 3.15) ----
 
 

@@ -64,6 +64,9 @@ TRAIN_STEP_NAME = "train_step"
 APPLY_GRADIENTS_NAME = "apply_gradients"
 # Wrapped by the simulator (a custom train_step may call either).
 OPTIMIZER_APPLY_NAMES = (APPLY_GRADIENTS_NAME, "apply")
+# ``train_step`` passes its loss through ``optimizer.scale_loss`` before
+# ``tape.gradient``: the simulator's non-finite guard sees the loss there.
+SCALE_LOSS_NAME = "scale_loss"
 
 
 def raw_variable(variable):

@@ -108,6 +108,7 @@ def local_cluster(
     ps_ports: Optional[Sequence[int]] = None,
     worker_inter_op_threads: Optional[int] = None,
     intra_op_threads: Optional[int] = None,
+    private_network: bool = False,
 ) -> "tf.distribute.cluster_resolver.SimpleClusterResolver":
     """Starts an in-process cluster on localhost; returns its resolver.
 
@@ -127,6 +128,16 @@ def local_cluster(
         small (2-core) machines.
       intra_op_threads: intra-op threads of each server; default: the CPU
         count divided by the number of tasks, at least 1.
+      private_network: first move this process into a network namespace of
+        its own whose only interface is loopback (Linux, as root), so the
+        servers — which TensorFlow binds to all interfaces, without
+        authentication — are reachable from this process only. It changes
+        the rest of the process too: from then on no thread started by it
+        reaches any other host or the machine's other interfaces (no
+        downloads, no remote TensorBoard/profiler clients; files and the
+        clusters' localhost traffic are unaffected). Where it is not possible
+        (not root, not Linux) one warning says so and the cluster runs on the
+        host network. Idempotent within a process.
 
     Returns:
       A ``SimpleClusterResolver`` (rpc_layer ``grpc``) for
@@ -134,10 +145,13 @@ def local_cluster(
 
     Raises:
       ValueError: workers < 1, ps < 0, a port in use, wrong number of ports.
+      TypeError: ``private_network`` not a bool.
     """
     import tensorflow as tf
 
     check_task_counts(workers, ps)
+    if not isinstance(private_network, bool):
+        raise TypeError(f"`private_network` must be a bool, got {private_network!r}.")
     for name, value in (("worker_inter_op_threads", worker_inter_op_threads),
                         ("intra_op_threads", intra_op_threads)):
         if value is not None and (
@@ -148,6 +162,8 @@ def local_cluster(
         worker_inter_op_threads = workers + 1
     if intra_op_threads is None:
         intra_op_threads = max(1, (os.cpu_count() or 1) // (workers + ps))
+    if private_network:
+        isolate_this_process()
     worker_addresses = [
         f"{LOOPBACK}:{p}" for p in _ports(workers, worker_ports, "worker_ports")
     ]
@@ -186,6 +202,44 @@ def local_cluster(
     return tf.distribute.cluster_resolver.SimpleClusterResolver(
         cluster_spec, rpc_layer="grpc"
     )
+
+
+_ISOLATED: List[str] = []  # the private namespace this process moved to, if any
+
+
+def isolate_this_process() -> bool:
+    """Moves this process (the calling thread and every thread it starts
+    later) into a private, loopback-only network namespace, once; returns
+    whether it is in one. Threads that already exist keep the host network
+    (TensorFlow's gRPC threads start with the first server or connection)."""
+    import warnings
+
+    from tf_async import _netns
+
+    if _ISOLATED:
+        return _ISOLATED[0] == _netns.namespace_id("thread-self")
+    try:
+        if _thread_count() > 1:
+            # unshare(CLONE_NEWUSER) needs one thread: only root can do this.
+            if os.geteuid() != 0:
+                raise _netns.IsolationError(1, "not root (a multi-threaded process can "
+                                               "only get a user namespace when it starts)")
+        _netns.isolate()
+    except _netns.IsolationError as error:
+        warnings.warn(
+            f"local_cluster(private_network=True): no private network ({error.strerror}); "
+            "the servers listen on all interfaces of this machine.",
+            RuntimeWarning, stacklevel=3,
+        )
+        _ISOLATED.append("")
+        return False
+    _ISOLATED.append(_netns.namespace_id("thread-self"))
+    return True
+
+
+def _thread_count() -> int:
+    """OS threads of this process."""
+    return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
 
 
 # ---------------------------------------------------------------- TF_CONFIG

@@ -16,6 +16,16 @@ or worker 0 when there is none; a chief is added automatically when ``--ps``
 every task it started when the chief ends, on Ctrl-C/SIGTERM, and when any
 task fails, unless ``--keep_going`` (fault-tolerance runs: a lost worker is
 expected and the chief carries on).
+
+Private network (default, ``--network=private``): every process of the
+cluster runs in one Linux network namespace whose only interface is loopback
+(:mod:`tf_async._netns`), so TensorFlow's unauthenticated gRPC servers, which
+listen on all interfaces, are reachable from nowhere but the cluster itself.
+It needs root or unprivileged user namespaces; where neither is available the
+launcher says so in one warning line and uses the host network.
+``--network=host`` opts out (a cluster that must talk to other machines).
+Every process started for the cluster goes through
+:func:`start_in_cluster_network`.
 """
 
 from __future__ import annotations
@@ -37,9 +47,13 @@ from tf_async.cluster import (
     pick_unused_ports,
 )
 
-__all__ = ["Task", "build_cluster", "launch", "main"]
+__all__ = [
+    "ClusterNetwork", "NETWORKS", "Task", "build_cluster", "launch", "main",
+    "open_cluster_network", "start_in_cluster_network",
+]
 
 _TERMINATE_GRACE_SECONDS = 10.0
+NETWORKS = ("private", "host")
 
 
 @dataclass
@@ -83,6 +97,78 @@ def build_cluster(
     return cluster
 
 
+# ----------------------------------------------------- the cluster's network
+
+
+@dataclass
+class ClusterNetwork:
+    """The network the cluster's processes run in: a private namespace held by
+    ``holder`` (a ``tf_async/_netns.py hold`` process), or the host's
+    (``holder is None``)."""
+
+    holder: Optional[subprocess.Popen] = None
+    namespace: str = ""  # e.g. "net:[4026532178]"; "" for the host network
+
+    @property
+    def private(self) -> bool:
+        return self.holder is not None
+
+    def close(self) -> None:
+        if self.holder is not None and self.holder.poll() is None:
+            self.holder.stdin.close()  # the holder exits when stdin closes
+            try:
+                self.holder.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.holder.kill()
+                self.holder.wait()
+
+
+def check_network(network) -> str:
+    if network not in NETWORKS:
+        raise ValueError(f"`--network` must be one of {NETWORKS}, got {network!r}.")
+    return network
+
+
+def open_cluster_network(network: str, python: str = sys.executable) -> tuple:
+    """``(ClusterNetwork, warning)``: ``--network=private`` makes the private
+    namespace (``warning`` says why not, if it cannot); ``host`` uses the host."""
+    if check_network(network) == "host":
+        return ClusterNetwork(), None
+    from tf_async import _netns
+
+    holder = subprocess.Popen(
+        _netns.command(python, "hold"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    answer = (holder.stdout.readline() or "unavailable the namespace holder died").split()
+    if answer[:1] != ["ready"]:
+        holder.wait()
+        reason = " ".join(answer[1:])
+        return ClusterNetwork(), (
+            f"[launch] warning: no private network for the cluster ({reason}): its "
+            "tasks listen on all interfaces of this machine (see SECURITY in "
+            "docs/clusters.md; --network=host skips this attempt)"
+        )
+    return ClusterNetwork(holder, os.readlink(f"/proc/{answer[1]}/ns/net")), None
+
+
+def start_in_cluster_network(
+    network: ClusterNetwork, argv: Sequence[str], **popen_kwargs
+) -> subprocess.Popen:
+    """Starts ``argv`` inside the cluster's network (``subprocess.Popen``
+    arguments pass through). Every process the launcher starts for the
+    cluster — its tasks and any helper serving them — starts here."""
+    argv = list(argv)
+    if network.private:
+        from tf_async import _netns
+
+        argv = _netns.command(sys.executable, "exec", str(network.holder.pid), "--") + argv
+    return subprocess.Popen(argv, **popen_kwargs)
+
+
+# ------------------------------------------------------------------ tasks
+
+
 def _stream(task: Task, pipe, out: TextIO, lock: threading.Lock) -> None:
     prefix = f"[{task.name}] "
     for line in iter(pipe.readline, ""):
@@ -124,8 +210,10 @@ def launch(
     base_port: Optional[int] = None,
     out: TextIO = sys.stdout,
     python: str = sys.executable,
+    network: str = "private",
 ) -> int:
     """Starts the cluster, streams logs, returns the chief's exit code."""
+    check_network(network)
     cluster = build_cluster(workers, ps, chief, base_port)
     if not command:
         raise ValueError("No script given: use `-- script.py [ARGS]` or `-- -m module`.")
@@ -147,13 +235,17 @@ def launch(
     previous = {
         s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)
     }
+    cluster_network = ClusterNetwork()
     try:
+        cluster_network, warning = open_cluster_network(network, python)
+        _report_network(cluster_network, warning, out, lock)
         for task in tasks:
             env = dict(os.environ)
             env["TF_CONFIG"] = make_tf_config(cluster, task.task_type, task.index)
             env["TF_ASYNC_TASK"] = f"{task.task_type}:{task.index}"
             env["PYTHONUNBUFFERED"] = "1"
-            task.process = subprocess.Popen(
+            task.process = start_in_cluster_network(
+                cluster_network,
                 [python, *command],
                 env=env,
                 stdout=subprocess.PIPE,
@@ -205,6 +297,7 @@ def launch(
         return result
     finally:
         _terminate(tasks)
+        cluster_network.close()
         for thread in streams:
             thread.join(timeout=5)
         for sig, handler in previous.items():
@@ -215,6 +308,15 @@ def launch(
             )
             out.write(f"[launch] all tasks stopped ({codes})\n")
             out.flush()
+
+
+def _report_network(network: ClusterNetwork, warning, out: TextIO, lock) -> None:
+    with lock:
+        if warning:
+            out.write(warning + "\n")
+        elif network.private:
+            out.write(f"[launch] private cluster network {network.namespace} (only lo)\n")
+        out.flush()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -236,6 +338,11 @@ def _parser() -> argparse.ArgumentParser:
         "--base_port", type=int, default=None,
         help="use consecutive ports from here (default: free ports)",
     )
+    parser.add_argument(
+        "--network", default="private", choices=NETWORKS,
+        help="private (default): all tasks share one network namespace with only "
+        "loopback; host: the host's network (tasks listen on all interfaces)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- script.py ARGS")
     return parser
 
@@ -254,6 +361,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             chief=args.chief,
             keep_going=args.keep_going,
             base_port=args.base_port,
+            network=args.network,
         )
     except (ValueError, TypeError) as error:
         parser.error(str(error))

@@ -9,3 +9,5 @@ from tf_async.strategies.local_update import LocalUpdateStrategy  # noqa: E402
 __all__ += ["LocalUpdateStrategy"]
 from tf_async.strategies.async_parameter_server import AsyncParameterServerStrategy  # noqa: E402
 __all__ += ["AsyncParameterServerStrategy"]
+from tf_async.strategies._nonfinite import NonFiniteStepError  # noqa: E402
+__all__ += ["NonFiniteStepError"]

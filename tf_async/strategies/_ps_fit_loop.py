@@ -60,7 +60,9 @@ class FitState:
     def __init__(self, strategy, model: keras.Model):
         self.counters = PSCounters(strategy)
         self._strategy = strategy
-        self._train_step = TrainStep(model, self.counters, strategy.max_staleness)
+        self._train_step = TrainStep(
+            model, self.counters, strategy.max_staleness, strategy.on_nonfinite
+        )
         self._step_functions: dict = {}
         counters = self.counters
         self.step_ids = _ps_step_ids.StepIds()
@@ -196,9 +198,9 @@ def run_fit(
     refresh_seconds = 2.0  # without log_every_steps: refresh logs by time
 
     def read_logs() -> dict:
-        results, (tau_sum, tau_max, count) = state.read_results()
+        results, counts = state.read_results()
         logs = _floats(results)
-        logs.update(PSCounters.stats_from(tau_sum, tau_max, count))
+        logs.update(PSCounters.stats_from(*counts))
         return logs
 
     model.stop_training = False

@@ -27,11 +27,21 @@ and workers apply concurrently (Hogwild-style, as TF's ParameterServerStrategy).
 
 Bounded staleness (``max_staleness=k``): tickets come from a second counter and
 updates are applied in ticket order (a ticket lock built from two atomic
-counters: a step waits until ``applied == ticket``). At its turn the weights
-hold exactly ``ticket`` updates, so τ = ticket − v_read exactly. A step with
+counters: a step waits until ``turns served == ticket``). At its turn nobody
+else applies, so τ = version − v_read exactly (the version counts applied
+updates; a turn whose step is skipped as non-finite is served but applies
+nothing). A step with
 τ > k is *not dropped*: it recomputes its gradient on the current weights
 (τ = 0, nobody else can apply meanwhile) and applies that. So every applied
 step has τ ≤ k, and k = 0 is sequential (synchronous) SGD.
+
+Non-finite guard (:mod:`_nonfinite`): where the apply runs (on the PS in
+the fully asynchronous mode, at the step's turn under SSP) the step's
+gradients, non-trainable updates and loss are checked; a step holding NaN/Inf
+takes no ticket, applies nothing and is counted in ``nonfinite_skipped`` (or,
+with ``on_nonfinite="raise"``, fails the fit naming step and worker). The
+version counts applied updates only, so under SSP the ticket lock has its own
+"turns served" counter: a skipped step still passes its turn on.
 
 Exactly-once accounting: each scheduled step carries a step id; a step whose id
 is already marked done (a closure retried by the coordinator after a worker
@@ -54,7 +64,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_async import _keras_fit, staleness
-from tf_async.strategies import _fused_transfer
+from tf_async.strategies import _fused_transfer, _nonfinite
 
 _COUNT_LIMIT = 2**62
 
@@ -111,6 +121,13 @@ class PSCounters:
                 self.steps = tf.Variable(
                     0, dtype=tf.int64, trainable=False, name="tf_async_steps"
                 )
+                # SSP ticket lock: turns served (skipped steps pass theirs on).
+                self.turns = tf.Variable(
+                    0, dtype=tf.int64, trainable=False, name="tf_async_turns"
+                )
+                self.nonfinite = tf.Variable(
+                    0, dtype=tf.int64, trainable=False, name="tf_async_nonfinite"
+                )
                 self.done = tf.Variable(
                     tf.zeros([DONE_RING_SIZE], tf.int64),
                     trainable=False,
@@ -120,7 +137,8 @@ class PSCounters:
     def start(self, version: int) -> None:
         """Before a fit: the version continues from ``optimizer.iterations``."""
         self.version.assign(version)
-        self.tickets.assign(version)
+        self.tickets.assign(0)
+        self.turns.assign(0)
 
     def is_done(self, step_id) -> tf.Tensor:
         return tf.equal(tf.gather(self.done, step_id % DONE_RING_SIZE), step_id + 1)
@@ -129,28 +147,35 @@ class PSCounters:
         self.tau_sum.assign(0)
         self.tau_max.assign([0])
         self.steps.assign(0)
+        self.nonfinite.assign(0)
 
     def epoch_tensors(self):
-        """(τ sum, τ max, steps) of the current epoch, as tensors."""
-        return self.tau_sum.read_value(), self.tau_max.read_value()[0], self.steps.read_value()
+        """(τ sum, τ max, applied steps, non-finite skipped) of the current
+        epoch, as tensors."""
+        return (self.tau_sum.read_value(), self.tau_max.read_value()[0],
+                self.steps.read_value(), self.nonfinite.read_value())
 
     @staticmethod
-    def stats_from(tau_sum, tau_max, steps) -> dict:
-        """``staleness_mean`` / ``staleness_max`` logs from ``epoch_tensors()``."""
+    def stats_from(tau_sum, tau_max, steps, nonfinite) -> dict:
+        """``staleness_mean`` / ``staleness_max`` / ``nonfinite_skipped`` logs
+        from ``epoch_tensors()``."""
         steps = int(steps)
         return {
             "staleness_mean": float(tau_sum) / max(steps, 1),
             "staleness_max": float(tau_max),
+            "nonfinite_skipped": float(nonfinite),
         }
 
 
 class TrainStep:
     """Builds the per-step replica function for one compiled Keras model."""
 
-    def __init__(self, model: keras.Model, counters: PSCounters, max_staleness: Optional[int]):
+    def __init__(self, model: keras.Model, counters: PSCounters, max_staleness: Optional[int],
+                 on_nonfinite: str = "skip"):
         self.model = model
         self.counters = counters
         self.max_staleness = max_staleness
+        self.on_nonfinite = _nonfinite.check_on_nonfinite(on_nonfinite)
         self._updated_non_trainable: Optional[List[int]] = None
 
     # -- forward/backward on a snapshot ---------------------------------------
@@ -241,34 +266,38 @@ class TrainStep:
             values, x, y, sample_weight
         )
 
+        # Only "raise" names the worker (a per-call value sent to the PS).
+        worker = self._worker_index()
         if self.max_staleness is None:
             # The commit runs on the PS. The worker sends the gradients, the
             # non-trainable updates, the metric contributions and the step id
             # in one fused transfer per PS, and gets nothing back.
             deltas = self._metric_deltas(x, y, y_pred, loss, sample_weight)
             gradients, updates, deltas, step_id = self._send_to_ps(
-                gradients, updates, deltas, step_id
+                _nonfinite.fold_loss_into(gradients, loss), updates, deltas, step_id
             )
             commit_scope = tf.device(ps)
 
             def commit():
-                with tf.control_dependencies(_deps(gradients)):
-                    ticket = _fetch_and_increment(counters.version)
-                tau = ticket - v_read
-                with tf.control_dependencies([ticket]):
-                    applied = self._apply(gradients, commit_values, tau)
-                return self._finish(step_id, applied, updates, deltas, tau)
+                def apply():
+                    with tf.control_dependencies(_deps(gradients)):
+                        ticket = _fetch_and_increment(counters.version)
+                    tau = ticket - v_read
+                    with tf.control_dependencies([ticket]):
+                        applied = self._apply(gradients, commit_values, tau)
+                    return self._finish(step_id, applied, updates, deltas, tau)
+
+                finite = _nonfinite.all_finite(list(gradients) + list(updates))
+                return self._apply_if_finite(finite, apply, step_id, worker)
 
         else:
             commit_scope = contextlib.nullcontext()  # recomputes on the worker
 
             def commit():
-                applied, new_y_pred, new_loss, new_updates, tau = self._bounded_apply(
-                    v_read, gradients, commit_values, y_pred, loss, updates,
-                    x, y, sample_weight,
+                return self._bounded_commit(
+                    step_id, worker, v_read, gradients, commit_values, y_pred, loss,
+                    updates, x, y, sample_weight,
                 )
-                deltas = self._metric_deltas(x, y, new_y_pred, new_loss, sample_weight)
-                return self._finish(step_id, applied, new_updates, deltas, tau)
 
         # A closure retried by the coordinator after its first attempt
         # completed on the parameter servers is not applied twice.
@@ -313,25 +342,53 @@ class TrainStep:
         with tf.control_dependencies([applied]):
             for index, value in zip(self._updated_non_trainable, updates):
                 self.model.non_trainable_variables[index].assign(value)
-            self._mark_done(step_id)
+            self._mark_done(step_id, applied=True)
         return tf.constant(True)
 
-    def _bounded_apply(self, v_read, gradients, values, y_pred, loss, updates, x, y, sw):
+    def _skip(self, step_id):
+        """A non-finite step: counted and marked done, nothing else changes."""
+        with tf.device(self.counters.version.device):
+            self.counters.nonfinite.assign_add(tf.constant(1, tf.int64))
+        self._mark_done(step_id, applied=False)
+        return tf.constant(True)
+
+    def _worker_index(self):
+        if self.on_nonfinite != "raise":
+            return None
+        return tf.distribute.coordinator.experimental_get_current_worker_index()
+
+    def _apply_if_finite(self, finite, apply, step_id, worker, release=None):
+        """``apply()`` if ``finite``, else ``_skip``; then ``release`` (SSP:
+        the next turn may go) and, with ``on_nonfinite="raise"``, the check
+        that fails the fit — after the release, so no other step waits forever."""
+        done = tf.cond(finite, apply, lambda: self._skip(step_id))
+        if release is not None:
+            done = release(done)
+        if self.on_nonfinite == "raise":
+            with tf.control_dependencies([done]):
+                _nonfinite.assert_finite(finite, step_id, worker)
+        return done
+
+    def _bounded_commit(self, step_id, worker, v_read, gradients, values, y_pred, loss,
+                        updates, x, y, sw):
         counters = self.counters
         with tf.control_dependencies(_deps(gradients)):
             ticket = _fetch_and_increment(counters.tickets)
 
-        # Ticket lock: wait for our turn in the global update order (the
-        # version read is a loop variable, so what follows depends on its data).
+        # Ticket lock: wait for our turn in the global update order (the turn
+        # read is a loop variable, so what follows depends on its data).
         with tf.control_dependencies([ticket]):
-            first_seen = counters.version.read_value()
+            first_seen = counters.turns.read_value()
         _, seen = tf.while_loop(
             lambda i, seen: seen < ticket,
-            lambda i, seen: (i + 1, counters.version.read_value()),
+            lambda i, seen: (i + 1, counters.turns.read_value()),
             [tf.constant(0, tf.int64), first_seen],
             parallel_iterations=1,
         )
-        tau_read = seen - v_read  # seen == ticket: updates applied since the read
+        # Our turn: nobody else applies until we pass it on, so the version
+        # (updates applied) minus the read is exactly τ.
+        with tf.control_dependencies([seen]):
+            tau_read = counters.version.read_value() - v_read
 
         def fresh():
             fresh_commit_values, fresh_values = self._read_variables()
@@ -343,8 +400,20 @@ class TrainStep:
 
         result = tf.cond(tau_read > self.max_staleness, fresh, stale)
         gradients, values, y_pred, loss, updates, tau = result
-        applied = self._apply(list(gradients), list(values), tau)
-        return applied, y_pred, loss, list(updates), tau
+        gradients, updates = list(gradients), list(updates)
+
+        def apply():
+            applied = self._apply(gradients, list(values), tau)
+            deltas = self._metric_deltas(x, y, y_pred, loss, sw)
+            return self._finish(step_id, applied, updates, deltas, tau)
+
+        def release(done):
+            with tf.control_dependencies([done]), tf.device(counters.version.device):
+                counters.turns.assign_add(tf.constant(1, tf.int64))
+                return tf.identity(done)
+
+        finite = _nonfinite.all_finite(gradients + updates + [loss])
+        return self._apply_if_finite(finite, apply, step_id, worker, release)
 
     def _record_staleness(self, tau):
         counters = self.counters
@@ -356,8 +425,9 @@ class TrainStep:
         )
         counters.steps.assign_add(tf.constant(1, tf.int64))
 
-    def _mark_done(self, step_id):
-        """After the apply: step ``step_id`` completed (SSP: next turn may go)."""
+    def _mark_done(self, step_id, applied: bool):
+        """After the apply (or the skip): step ``step_id`` completed; under SSP
+        an applied step also advances the version (updates applied)."""
         counters = self.counters
         with tf.device(counters.version.device):  # no round trip via the worker
             tf.raw_ops.ResourceScatterUpdate(
@@ -365,7 +435,7 @@ class TrainStep:
                 indices=tf.reshape(step_id % DONE_RING_SIZE, [1]),
                 updates=tf.reshape(step_id + 1, [1]),
             )
-            if self.max_staleness is not None:
+            if applied and self.max_staleness is not None:
                 counters.version.assign_add(tf.constant(1, tf.int64))
 
     def _metric_deltas(self, x, y, y_pred, loss, sample_weight):

@@ -17,13 +17,14 @@ the step and the bounded-staleness (SSP) protocol.
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import tensorflow as tf
 
 from tf_async import _keras_fit
 from tf_async.staleness import check_max_staleness
-from tf_async.strategies import _ps_fit_loop
+from tf_async.strategies import _nonfinite, _ps_fit_loop
 
 __all__ = ["AsyncParameterServerStrategy"]
 
@@ -43,6 +44,23 @@ def _check_cluster(cluster_resolver) -> int:
                 f"({ {k: len(v) for k, v in jobs.items()} })."
             )
     return len(jobs["worker"])
+
+
+def _cluster_lost_message(error) -> str:
+    text = str(getattr(error, "message", error))
+    tasks = sorted(set(re.findall(r"/job:ps/replica:\d+/task:(\d+)", text)))
+    which = f"parameter server task {', '.join(tasks)}" if tasks else "a parameter server"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    detail = next((line.strip() for line in text.splitlines()
+                   if "UNAVAILABLE" in line or "Connection" in line or "Socket" in line), "")
+    return (
+        f"AsyncParameterServerStrategy: fit stopped because {which} (or this "
+        "chief's connection to the cluster) is unreachable; the variables it held "
+        "and the steps since the last checkpoint are gone. Restart the parameter "
+        "servers (or the whole job) and, in a new process, run fit again with "
+        "keras.callbacks.BackupAndRestore (or load a ModelCheckpoint) to resume. "
+        f"TensorFlow said: {first} {detail}".strip()
+    )
 
 
 class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStrategy):
@@ -67,6 +85,13 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         ``tf.distribute.experimental.partitioners.MinSizePartitioner``.
       log_every_steps: refresh the logs callbacks see every this many steps
         (default: every 2 seconds); epoch-end logs are always exact.
+      on_nonfinite: a step whose gradients, loss or non-trainable updates hold
+        NaN/Inf is never applied. ``"skip"`` (default): it changes nothing
+        (weights, optimizer state and ``iterations``, version, τ, metrics) and
+        is counted exactly in ``nonfinite_skipped`` (History, progress bar,
+        TensorBoard); ``"raise"``: ``fit`` stops with
+        ``tf_async.strategies.NonFiniteStepError`` naming the step and worker.
+        The check runs on the parameter server, where the apply runs.
 
     ``fit`` takes Keras' arguments, including ``class_weight`` (applied in
     each worker's input pipeline) and ``validation_split`` (arrays only, as in
@@ -74,7 +99,8 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
     run on the coordinator, reading the variables from the parameter servers.
 
     Raises:
-      ValueError: ``max_staleness < 0``; a cluster without ps or workers.
+      ValueError: ``max_staleness < 0``; a cluster without ps or workers;
+        ``on_nonfinite`` not ``"skip"``/``"raise"``.
     """
 
     def __init__(
@@ -83,8 +109,10 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         max_staleness: Optional[int] = None,
         variable_partitioner=None,
         log_every_steps: Optional[int] = None,
+        on_nonfinite: str = "skip",
     ):
         self._max_staleness = check_max_staleness(max_staleness)
+        self._on_nonfinite = _nonfinite.check_on_nonfinite(on_nonfinite)
         if log_every_steps is not None and (
             isinstance(log_every_steps, bool)
             or not isinstance(log_every_steps, int)
@@ -115,6 +143,10 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
     @property
     def max_staleness(self) -> Optional[int]:
         return self._max_staleness
+
+    @property
+    def on_nonfinite(self) -> str:
+        return self._on_nonfinite
 
     @property
     def num_workers(self) -> int:
@@ -157,7 +189,17 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
     # -- model.fit / evaluate / predict hooks (see tf_async/_keras_fit.py) -------
     def _tf_async_fit(self, model, original, *args, **kwargs):
         del original  # Keras 3's fit cannot schedule on a PS cluster.
-        return _ps_fit_loop.run_fit(self, model, *args, **kwargs)
+        try:
+            return _ps_fit_loop.run_fit(self, model, *args, **kwargs)
+        except tf.errors.InvalidArgumentError as error:
+            nonfinite = _nonfinite.from_tf_error(error)  # on_nonfinite="raise"
+            if nonfinite is None:
+                raise
+            raise nonfinite from None
+        except tf.errors.UnavailableError as error:
+            # The coordinator retries lost workers itself: what reaches fit is
+            # a lost parameter server (or the chief's link to the cluster).
+            raise tf.errors.UnavailableError(None, None, _cluster_lost_message(error)) from None
 
     def _tf_async_evaluate(self, model, original, *args, **kwargs):
         return _ps_fit_loop.run_on_chief(self, model, original, *args, **kwargs)

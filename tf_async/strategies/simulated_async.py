@@ -22,6 +22,12 @@ the step with
    ``tf_async.staleness.publish(τ, w, w_read)``, so delay-compensating
    optimizers see τ and the weights the gradient was computed at.
 
+A step whose gradients or loss hold NaN/Inf is not applied (``on_nonfinite``,
+:mod:`_nonfinite`): the apply runs under ``tf.cond``; a skipped step changes
+no weight, optimizer state, ``iterations``, step counter t, τ statistic or
+metric (the metric variables are restored), and counts in
+``nonfinite_skipped`` (total since the strategy was created).
+
 Everything is graph code (no Python at step time), so ``jit_compile=True``
 works. ``staleness_mean`` (over all steps so far) and ``staleness_max`` are
 added to the step's logs and so reach the progress bar and ``History``.
@@ -36,10 +42,23 @@ import tensorflow as tf
 
 from tf_async import _keras_fit, staleness
 from tf_async.staleness import check_max_staleness
+from tf_async.strategies import _nonfinite
 
 __all__ = ["SimulatedAsyncStrategy"]
 
 STALENESS_MODES = ("round_robin", "random")
+
+
+def _split_apply_call(name: str, args: tuple, kwargs: dict):
+    """``(gradients, args, kwargs)`` of a call to Keras'
+    ``optimizer.apply_gradients(grads_and_vars)`` or
+    ``optimizer.apply(grads, trainable_variables=None)``; an iterator of
+    pairs is turned into a list so the call can still consume it."""
+    kwargs = dict(kwargs)
+    key = "grads_and_vars" if name == _keras_fit.APPLY_GRADIENTS_NAME else "grads"
+    first = list(args[0] if args else kwargs.pop(key))
+    gradients = [g for g, _ in first] if key == "grads_and_vars" else first
+    return gradients, (first, *args[1:]), kwargs
 
 
 class _SimState:
@@ -59,6 +78,9 @@ class _SimState:
         self.step = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="sim_step")
         self.tau_sum = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="tau_sum")
         self.tau_max = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="tau_max")
+        self.nonfinite = tf.Variable(
+            tf.constant(0, tf.int64), trainable=False, name="nonfinite_skipped"
+        )
 
 
 class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
@@ -71,6 +93,10 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
       max_staleness: bound on τ (int >= 0); ``None`` means M − 1.
       seed: seed of the ``"random"`` staleness sequence.
       device: the one device to run on.
+      on_nonfinite: ``"skip"`` (default) — a step with NaN/Inf gradients or
+        loss is not applied and counts in ``nonfinite_skipped``; ``"raise"`` —
+        ``fit`` stops with ``tf_async.strategies.NonFiniteStepError`` naming
+        the step t and the simulated worker (t mod M).
     """
 
     def __init__(
@@ -80,6 +106,7 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
         max_staleness: Optional[int] = None,
         seed: int = 0,
         device: str = "/cpu:0",
+        on_nonfinite: str = "skip",
     ):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int):
             raise TypeError(f"`num_workers` must be an int >= 1; received {num_workers!r}.")
@@ -92,7 +119,9 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
         check_max_staleness(max_staleness)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"`seed` must be an int; received seed={seed!r}.")
+        self._on_nonfinite = _nonfinite.check_on_nonfinite(on_nonfinite)
         super().__init__(device)
+        _keras_fit.install_trainer_dispatch()  # for _tf_async_fit
         self._num_workers = num_workers
         self._staleness_mode = staleness
         bound = num_workers - 1 if max_staleness is None else max_staleness
@@ -117,11 +146,27 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
         return self._max_staleness
 
     @property
+    def on_nonfinite(self) -> str:
+        return self._on_nonfinite
+
+    @property
     def snapshot_variables(self) -> List[tf.Variable]:
         """All ring-buffer variables (``[max_staleness + 1, *shape]`` each)."""
         return [ring for state in self._states.values() for ring in state.rings]
 
     # ------------------------------------------------------------------ run
+    def _tf_async_fit(self, model, original, *args, **kwargs):
+        """Keras' own ``fit``; an ``on_nonfinite="raise"`` failure becomes a
+        ``NonFiniteStepError`` instead of a TF assertion trace."""
+        try:
+            return original(*args, **kwargs)
+        except tf.errors.InvalidArgumentError as error:
+            where = f" of {self._num_workers} simulated"
+            nonfinite = _nonfinite.from_tf_error(error, where)
+            if nonfinite is None:
+                raise
+            raise nonfinite from None
+
     def run(self, fn, args=(), kwargs=None, options=None):
         model = _keras_fit.keras_train_step_model(fn)
         if model is not None and model.trainable_variables:
@@ -178,8 +223,29 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
 
             optimizer = model.optimizer
             publishing = []
+            losses = []  # the step's (scaled) loss, seen by scale_loss
+            finite_flags = []
+            metric_variables = [_keras_fit.raw_variable(v) for v in model.metrics_variables]
+            metric_values = [v.read_value() for v in metric_variables]
 
-            def stale(method):
+            def guarded(name, method_args, method_kwargs, method):
+                gradients, method_args, method_kwargs = _split_apply_call(
+                    name, method_args, method_kwargs)
+                finite = _nonfinite.all_finite(list(gradients) + losses)
+                finite_flags.append(finite)
+                checks = []
+                if self._on_nonfinite == "raise":
+                    checks.append(_nonfinite.assert_finite(
+                        finite, step, tf.math.floormod(step, self._num_workers)))
+
+                def apply():
+                    method(*method_args, **method_kwargs)
+                    return tf.constant(True)
+
+                with tf.control_dependencies(checks):
+                    return tf.cond(finite, apply, lambda: tf.constant(False))
+
+            def stale(name, method):
                 def wrapper(*method_args, **method_kwargs):
                     if publishing:  # apply_gradients -> apply: publish once
                         return method(*method_args, **method_kwargs)
@@ -187,28 +253,52 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
                     publishing.append(True)
                     try:
                         with staleness.publish(tau, keras_variables, stale_values):
-                            return method(*method_args, **method_kwargs)
+                            return guarded(name, method_args, method_kwargs, method)
                     finally:
                         publishing.pop()
 
                 return wrapper
 
+            def scale_loss(method):
+                def wrapper(loss):
+                    losses.append(loss)
+                    return method(loss)
+
+                return wrapper
+
             names = _keras_fit.OPTIMIZER_APPLY_NAMES
-            for name in names:
-                vars(optimizer)[name] = stale(getattr(optimizer, name))
+            wrapped = {name: stale(name, getattr(optimizer, name)) for name in names}
+            wrapped[_keras_fit.SCALE_LOSS_NAME] = scale_loss(
+                getattr(optimizer, _keras_fit.SCALE_LOSS_NAME))
+            vars(optimizer).update(wrapped)
             try:
                 logs = train_step(*args, **kwargs)
             finally:
-                for name in names:
+                for name in wrapped:
                     vars(optimizer).pop(name, None)
             restore()
 
-            state.step.assign_add(1)
-            tau_sum = state.tau_sum.assign_add(tau)
-            tau_max = state.tau_max.assign(tf.maximum(state.tau_max.read_value(), tau))
+            finite = finite_flags[0] if finite_flags else tf.constant(True)
+            applied = tf.cast(finite, tf.int64)
+
+            def restore_metrics():  # a skipped step's batch never existed
+                for variable, value in zip(metric_variables, metric_values):
+                    variable.assign(value)
+                return tf.constant(True)
+
+            tf.cond(finite, lambda: tf.constant(True), restore_metrics)
+            applied_steps = state.step.assign_add(applied)
+            tau_sum = state.tau_sum.assign_add(tau * applied)
+            tau_max = state.tau_max.assign(
+                tf.maximum(state.tau_max.read_value(), tau * applied))
+            nonfinite = state.nonfinite.assign_add(1 - applied)
             logs = dict(logs)
-            logs["staleness_mean"] = tf.cast(tau_sum, tf.float32) / tf.cast(step + 1, tf.float32)
+            results = model.get_metrics_result()  # after a restore
+            logs.update({key: value for key, value in results.items() if key in logs})
+            logs["staleness_mean"] = tf.cast(tau_sum, tf.float32) / tf.cast(
+                tf.maximum(applied_steps, 1), tf.float32)
             logs["staleness_max"] = tf.cast(tau_max, tf.float32)
+            logs["nonfinite_skipped"] = tf.cast(nonfinite, tf.float32)
             return logs
 
         return stale_train_step
