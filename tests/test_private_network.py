@@ -111,6 +111,23 @@ def test_holder_reports_why_isolation_failed(monkeypatch, capsys):
     assert capsys.readouterr().out == "unavailable not root, and no unprivileged user namespace\n"
 
 
+def _listening_ports(pid) -> set:
+    """TCP ports in LISTEN state in ``pid``'s network namespace (read from
+    ``/proc/<pid>/net/tcp{,6}``: inspection only, nothing is sent)."""
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                rows = f.readlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def _child_local_cluster_namespace(parent_namespace):
     import numpy as np
 
@@ -120,6 +137,8 @@ def _child_local_cluster_namespace(parent_namespace):
 
     tf.constant(1.0) + 1.0  # TensorFlow's thread pools exist before the cluster
     resolver = tf_async.local_cluster(workers=1, ps=1, private_network=True)
+    ports = {int(address.rsplit(":", 1)[1])
+             for job in resolver.cluster_spec().as_dict().values() for address in job}
     again = tf_async.cluster.isolate_this_process()  # idempotent: same namespace
     strategy = tf_async.strategies.AsyncParameterServerStrategy(resolver)
     with strategy.scope():
@@ -133,6 +152,9 @@ def _child_local_cluster_namespace(parent_namespace):
         "interfaces": _netns.interfaces(),
         "again": again,
         "iterations": int(model.optimizer.iterations.numpy()),
+        "ports": ports,
+        "listening_here": _listening_ports("self"),
+        "listening_in_parent": _listening_ports(os.getppid()),
     }
 
 
@@ -145,6 +167,9 @@ def test_local_cluster_private_network(fresh_process):
     assert r["interfaces"] == ["lo"]
     assert r["again"] is True
     assert r["iterations"] == 4  # the cluster trains inside the namespace
+    # The servers listen inside the private namespace, not on the host's.
+    assert r["ports"] <= r["listening_here"], (r["ports"], r["listening_here"])
+    assert not r["ports"] & r["listening_in_parent"], r["listening_in_parent"]
 
 
 def test_local_cluster_private_network_must_be_bool():
