@@ -9,10 +9,10 @@
     python examples/mnist.py --model_dir=/tmp/run --epochs=2 && \\
         python examples/mnist.py --model_dir=/tmp/run --epochs=2 --resume
 
-Modes and flags: see examples/training.py. ``--dataset=mnist`` loads MNIST with
-tensorflow_datasets; when it cannot be downloaded (no network) the script says
-so and uses ``--dataset=digits`` (scikit-learn's 8x8 handwritten digits, bundled,
-offline). The last line printed is ``test_accuracy: X``.
+Modes: see examples/training.py; ``--help`` lists every flag. ``--dataset=mnist``
+loads MNIST with tensorflow_datasets; when it cannot be downloaded (no network)
+the script says so and uses ``--dataset=digits`` (scikit-learn's 8x8
+handwritten digits, bundled, offline). The last line printed is ``test_accuracy: X``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import example_data  # noqa: E402
 import training  # noqa: E402
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(training)  # --help lists the shared flags too
 flags.DEFINE_enum("dataset", "mnist", ["mnist", "digits"], "Dataset.")
 
 

@@ -10,6 +10,9 @@
   every cluster test runs in its own process (DESIGN.md §5). The child builds
   its cluster with ``tf_async.local_cluster``; everything it started dies with
   it.
+* Slow tests (``@pytest.mark.slow``) run in CI (``CI=true``) and locally only
+  when asked (``TF_ASYNC_SLOW_TESTS=1``, ``-m slow``, or named): see
+  ``_slow_tests``.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tests import _harness  # noqa: E402
+from tests import _harness, _slow_tests  # noqa: E402
 
 NUM_LOGICAL_DEVICES = _harness.NUM_LOGICAL_DEVICES
 
 _harness.split_cpu(NUM_LOGICAL_DEVICES)
 _harness.give_each_strategy_its_own_collective_keys()
+
+
+def pytest_collection_modifyitems(config, items):
+    _slow_tests.skip_unless_asked(config, items)
 
 
 @pytest.fixture

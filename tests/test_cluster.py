@@ -119,3 +119,86 @@ def test_local_cluster_trains_with_parameter_server_strategy(fresh_process):
     share = max(1, (os.cpu_count() or 1) // 3)
     assert result["threads"]["worker"] == (3, share, True)
     assert result["threads"]["ps"] == (0, share, True)
+
+
+# ------------------------------------------- local_cluster() under TF_CONFIG
+# A script run by `python -m tf_async.launch` that calls local_cluster() joins
+# the launched cluster instead of training alone in every process.
+
+LAUNCHED = {"chief": ["localhost:1111"], "worker": ["localhost:2222", "localhost:3333"],
+            "ps": ["localhost:4444"]}
+
+
+def _launched_task(monkeypatch, task_type, index=0, spec=LAUNCHED):
+    monkeypatch.setenv("TF_CONFIG", cluster.make_tf_config(spec, task_type, index))
+
+
+def test_local_cluster_in_the_launched_chief_returns_its_resolver(monkeypatch):
+    import tensorflow as tf
+
+    _launched_task(monkeypatch, "chief")
+    servers = len(cluster._LIVE_SERVERS)
+    resolver = cluster.local_cluster(workers=2, ps=1)
+    assert isinstance(resolver, tf.distribute.cluster_resolver.TFConfigClusterResolver)
+    assert resolver.cluster_spec().as_dict() == LAUNCHED
+    assert resolver.rpc_layer == "grpc"
+    assert len(cluster._LIVE_SERVERS) == servers  # no embedded servers started
+
+
+class _Served(Exception):
+    pass
+
+
+@pytest.mark.parametrize("task_type, index", [("worker", 1), ("ps", 0)])
+def test_local_cluster_in_a_launched_server_task_serves_it(monkeypatch, task_type, index):
+    calls = []
+
+    def serve(config, **threads):
+        calls.append((config["task"], threads))
+        raise _Served  # the real one never returns
+
+    monkeypatch.setattr(cluster, "_serve_forever", serve)
+    _launched_task(monkeypatch, task_type, index)
+    with pytest.raises(_Served):
+        cluster.local_cluster(workers=2, ps=1, intra_op_threads=1)
+    assert calls == [({"type": task_type, "index": index},
+                      {"inter_op_threads": None, "intra_op_threads": 1})]
+
+
+@pytest.mark.parametrize("task_type, kwargs, message", [
+    ("chief", {"workers": 3, "ps": 1},
+     r"local_cluster\(workers=3, ps=1\) runs under TF_CONFIG, whose cluster has 2 worker"),
+    ("worker", {"workers": 2, "ps": 2}, r"--workers 2 --ps 2"),
+    ("chief", {"workers": 2, "ps": 1, "worker_ports": [2222, 9999]},
+     r"`worker_ports`=\[2222, 9999\] differs from TF_CONFIG's worker ports \[2222, 3333\]"),
+    ("chief", {"workers": 2, "ps": 1, "ps_ports": [5555]}, r"`ps_ports`"),
+    ("evaluator", {"workers": 2, "ps": 1}, r"evaluator task"),
+])
+def test_local_cluster_under_tf_config_rejects_what_does_not_match(
+        monkeypatch, task_type, kwargs, message):
+    spec = dict(LAUNCHED, evaluator=["localhost:5555"])
+    _launched_task(monkeypatch, task_type, spec=spec)
+    with pytest.raises(ValueError, match=message):
+        cluster.local_cluster(**kwargs)
+
+
+def test_task_count_mismatch_under_tf_config_says_what_to_write(monkeypatch):
+    _launched_task(monkeypatch, "chief")
+    with pytest.raises(ValueError) as error:
+        cluster.local_cluster(workers=4, ps=1)
+    assert ("tf_async.cluster.serve_forever_if_server_task(); resolver = "
+            "tf.distribute.cluster_resolver.TFConfigClusterResolver()") in str(error.value)
+
+
+def test_local_cluster_under_tf_config_without_a_chief(monkeypatch):
+    spec = {"worker": ["localhost:2222"], "ps": ["localhost:4444"]}
+    _launched_task(monkeypatch, "worker", spec=spec)
+    with pytest.raises(ValueError, match="no chief"):
+        cluster.local_cluster(workers=1, ps=1)
+
+
+def test_matching_ports_under_tf_config_are_accepted(monkeypatch):
+    _launched_task(monkeypatch, "chief")
+    resolver = cluster.local_cluster(workers=2, ps=1, worker_ports=[2222, 3333],
+                                     ps_ports=[4444])
+    assert resolver.cluster_spec().as_dict() == LAUNCHED

@@ -208,3 +208,52 @@ def test_parameter_server_cluster_as_real_processes(tmp_path):
     final = re.search(r"all tasks stopped \((.*)\)", result.stdout).group(1)
     assert final == "chief 0=0, worker 0=0, worker 1=0, ps 0=0", final
     _assert_all_gone(pids)
+
+
+README_UNDER_LAUNCHER = """
+import json, os, sys
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, {repo!r})
+from tests import _doc_blocks
+import tf_async.cluster
+
+resolvers, embedded = [], tf_async.cluster.local_cluster
+def local_cluster(*args, **kwargs):  # records what the README's call returns
+    resolvers.append(embedded(*args, **kwargs))
+    return resolvers[-1]
+tf_async.cluster.local_cluster = local_cluster
+
+_doc_blocks.run_block({code!r}, {stand_ins!r}, "README.md:{line}")
+spec = resolvers[0].cluster_spec().as_dict()
+print("trained on", json.dumps(spec, sort_keys=True), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_readme_usage_under_the_launcher_trains_once_on_the_launched_cluster(tmp_path):
+    """README's Usage code as train.py: its local_cluster() joins the launched cluster."""
+    from tests import _doc_blocks
+
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as readme:
+        usage = [b for b in _doc_blocks.parse(readme.read(), "README.md").blocks
+                 if "local_cluster(" in b.code]
+    assert len(usage) == 1, usage
+    block = usage[0]
+    script = tmp_path / "train.py"
+    script.write_text(README_UNDER_LAUNCHER.format(
+        repo=REPO, code=block.code, stand_ins=block.stand_ins, line=block.line))
+    result = _run_launcher(["--workers", "2", "--ps", "1", "--", str(script)], timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    launched = {}
+    for task, address in re.findall(r"\[launch\] started (\w+) \d+ pid=\d+ at (\S+)",
+                                    result.stdout):
+        launched.setdefault(task, []).append(address)
+    trained = re.findall(r"^\[(\w+ \d+)\] trained on (.*)$", result.stdout, re.M)
+    assert [task for task, _ in trained] == ["chief 0"], output  # once, not once per process
+    assert json.loads(trained[0][1]) == launched, output
+    # The Usage code's own last line (the staleness lists) printed in the chief only.
+    printed = re.findall(r"^\[(\w+ \d+)\] \[[0-9., ]+\] \[[0-9., ]+\]$", result.stdout, re.M)
+    assert printed == ["chief 0"], output
+    final = re.search(r"all tasks stopped \((.*)\)", result.stdout).group(1)
+    assert final == "chief 0=0, worker 0=0, worker 1=0, ps 0=0", final

@@ -3,7 +3,10 @@
 * ``local_cluster(workers=2, ps=1)`` starts ``tf.distribute.Server``s for the
   worker and parameter-server tasks inside this process, on loopback ports, and
   returns a ``tf.distribute.cluster_resolver.ClusterResolver`` whose chief is
-  this process. It is the default cluster of every example and test.
+  this process. It is the default cluster of every example and test. Under
+  ``TF_CONFIG`` (a script run by ``python -m tf_async.launch``) it joins that
+  cluster instead: worker/ps tasks serve, the chief gets the
+  ``TFConfigClusterResolver`` (``_join_tf_config_cluster``).
 * ``make_tf_config`` / ``parse_tf_config`` build and validate ``TF_CONFIG``
   (used by ``python -m tf_async.launch``).
 * ``serve_forever_if_server_task()`` is what a script run by the launcher
@@ -109,7 +112,7 @@ def local_cluster(
     worker_inter_op_threads: Optional[int] = None,
     intra_op_threads: Optional[int] = None,
     private_network: bool = False,
-) -> "tf.distribute.cluster_resolver.SimpleClusterResolver":
+) -> "tf.distribute.cluster_resolver.ClusterResolver":
     """Starts an in-process cluster on localhost; returns its resolver.
 
     This process is the ``chief`` (coordinator); ``workers`` worker servers and
@@ -117,6 +120,14 @@ def local_cluster(
     machine's cores, so each server gets its share of them for intra-op
     parallelism and its threads do not spin while idle (a spinning thread of
     one task takes cycles from the others).
+
+    Under ``TF_CONFIG`` (e.g. the script runs under ``python -m
+    tf_async.launch``) no servers start here: the call joins the configured
+    cluster, so the same script trains once on the launched cluster instead of
+    once per process. In a ``worker``/``ps`` task it serves that task and never
+    returns (``serve_forever_if_server_task``); in the ``chief`` it returns a
+    ``TFConfigClusterResolver``. ``workers``/``ps`` (and ports, if given) must
+    match ``TF_CONFIG``; the thread arguments apply to the task's server.
 
     Args:
       workers: number of worker tasks, >= 1.
@@ -137,14 +148,19 @@ def local_cluster(
         downloads, no remote TensorBoard/profiler clients; files and the
         clusters' localhost traffic are unaffected). Where it is not possible
         (not root, not Linux) one warning says so and the cluster runs on the
-        host network. Idempotent within a process.
+        host network. Idempotent within a process. Under ``TF_CONFIG`` it
+        has no effect: the launcher decides the cluster's network
+        (``python -m tf_async.launch --network``, private by default).
 
     Returns:
       A ``SimpleClusterResolver`` (rpc_layer ``grpc``) for
-      ``ParameterServerStrategy`` / ``AsyncParameterServerStrategy``.
+      ``ParameterServerStrategy`` / ``AsyncParameterServerStrategy``; under
+      ``TF_CONFIG``, in the chief, a ``TFConfigClusterResolver``.
 
     Raises:
-      ValueError: workers < 1, ps < 0, a port in use, wrong number of ports.
+      ValueError: workers < 1, ps < 0, a port in use, wrong number of ports;
+        under TF_CONFIG: counts or ports that differ from it, or a task type
+        that cannot join a parameter-server cluster this way.
       TypeError: ``private_network`` not a bool.
     """
     import tensorflow as tf
@@ -158,6 +174,10 @@ def local_cluster(
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+    if os.environ.get("TF_CONFIG"):
+        return _join_tf_config_cluster(
+            workers, ps, worker_ports, ps_ports, worker_inter_op_threads, intra_op_threads
+        )
     if worker_inter_op_threads is None:
         worker_inter_op_threads = workers + 1
     if intra_op_threads is None:
@@ -323,18 +343,33 @@ def serve_forever_if_server_task(protocol: str = "grpc") -> None:
     """
     if not os.environ.get("TF_CONFIG"):
         return
+    config = parse_tf_config()
+    if "ps" in config["cluster"] and config["task"]["type"] in ("worker", "ps"):
+        _serve_forever(config, protocol)
+
+
+def _serve_forever(
+    config: dict,
+    protocol: str = "grpc",
+    inter_op_threads: Optional[int] = None,
+    intra_op_threads: Optional[int] = None,
+) -> None:
+    """Starts the server of ``config``'s worker/ps task; waits for SIGTERM/SIGINT.
+
+    Worker servers get ``workers + 1`` inter-op threads unless
+    ``inter_op_threads`` says otherwise (as ``local_cluster``'s do).
+    """
     import tensorflow as tf
 
-    config = parse_tf_config()
     task_type = config["task"]["type"]
-    if "ps" not in config["cluster"] or task_type not in ("worker", "ps"):
-        return
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     server_config = tf.compat.v1.ConfigProto()
     if task_type == "worker":
-        server_config.inter_op_parallelism_threads = (
+        server_config.inter_op_parallelism_threads = inter_op_threads or (
             len(config["cluster"]["worker"]) + 1
         )
+    if intra_op_threads is not None:
+        server_config.intra_op_parallelism_threads = intra_op_threads
     tf.distribute.Server(
         resolver.cluster_spec(),
         job_name=task_type,
@@ -352,3 +387,68 @@ def serve_forever_if_server_task(protocol: str = "grpc") -> None:
     signal.signal(signal.SIGINT, _stop)
     while True:  # Python-level wait so signal handlers run (Server.join blocks in C++).
         time.sleep(1)
+
+
+# ------------------------------------------- local_cluster() under TF_CONFIG
+
+_TWO_LINES = (
+    "tf_async.cluster.serve_forever_if_server_task(); "
+    "resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()"
+)
+
+
+def _join_tf_config_cluster(
+    workers: int,
+    ps: int,
+    worker_ports: Optional[Sequence[int]],
+    ps_ports: Optional[Sequence[int]],
+    worker_inter_op_threads: Optional[int],
+    intra_op_threads: Optional[int],
+) -> "tf.distribute.cluster_resolver.TFConfigClusterResolver":
+    """``local_cluster(...)`` when ``TF_CONFIG`` is set: join that cluster.
+
+    Without this, every process of ``python -m tf_async.launch -- train.py``
+    would start its own embedded cluster and train alone (and exit 0). A
+    worker/ps task serves and never returns; the chief gets the resolver. The
+    arguments must describe the configured cluster: a mismatch is a mistake in
+    the script or the launch line, so it raises instead of guessing.
+    """
+    import tensorflow as tf
+
+    config = parse_tf_config()
+    cluster, task_type = config["cluster"], config["task"]["type"]
+    where = f"local_cluster(workers={workers}, ps={ps}) runs under TF_CONFIG"
+    configured = {"workers": len(cluster.get("worker", [])), "ps": len(cluster.get("ps", []))}
+    if configured != {"workers": workers, "ps": ps}:
+        raise ValueError(
+            f"{where}, whose cluster has {configured['workers']} worker(s) and "
+            f"{configured['ps']} ps: make them match (python -m tf_async.launch "
+            f"--workers {workers} --ps {ps}), or write, for any launched cluster: "
+            f"{_TWO_LINES}."
+        )
+    for argument, job, ports in (("worker_ports", "worker", worker_ports),
+                                 ("ps_ports", "ps", ps_ports)):
+        configured_ports = [int(a.rpartition(":")[2]) for a in cluster.get(job, [])]
+        if ports is not None and list(ports) != configured_ports:
+            raise ValueError(
+                f"{where}: `{argument}`={list(ports)} differs from TF_CONFIG's "
+                f"{job} ports {configured_ports}; leave `{argument}` unset (the "
+                "launcher chooses the ports; `--base_port` sets them)."
+            )
+    if ps and "chief" not in cluster:
+        raise ValueError(
+            f"{where}, whose cluster has no chief: parameter-server training needs "
+            "one (python -m tf_async.launch adds it when --ps > 0)."
+        )
+    if task_type in ("worker", "ps") and ps:
+        _serve_forever(config, inter_op_threads=worker_inter_op_threads,
+                       intra_op_threads=intra_op_threads)  # never returns
+    if task_type == "evaluator":
+        raise ValueError(
+            f"{where} in an evaluator task, which is no part of a parameter-server "
+            "cluster's training: build its own evaluation loop with "
+            "TFConfigClusterResolver()."
+        )
+    return tf.distribute.cluster_resolver.TFConfigClusterResolver(
+        rpc_layer=config.get("rpc_layer", "grpc")
+    )
