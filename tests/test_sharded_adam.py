@@ -333,3 +333,37 @@ def _default_collectives_child(num_replicas: int) -> float:
 @pytest.mark.slow
 def test_fit_matches_adam_with_default_collectives(fresh_process):
     assert fresh_process(_default_collectives_child, 4, timeout=300) <= 1e-6
+
+
+def _two_device_local_update():
+    from tf_async.strategies import LocalUpdateStrategy
+
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    base = tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+    return base, LocalUpdateStrategy(base, sync_every=2)
+
+
+def test_local_update_strategy_is_refused_with_the_reason():
+    """Issue 17.1: it used to diverge silently (loss 2.2 -> 9e32 -> NaN)."""
+    _, strategy = _two_device_local_update()
+    with strategy.scope():
+        with pytest.raises(ValueError, match="LocalUpdateStrategy.*own full m and v"):
+            ShardedAdam()
+
+
+def test_strategy_turned_local_update_after_creation_is_refused_at_build():
+    base = tf.distribute.MirroredStrategy(
+        [d.name for d in tf.config.list_logical_devices("CPU")][:2],
+        cross_device_ops=tf.distribute.ReductionToOneDevice(),
+    )
+    with base.scope():
+        model = make_model()
+        optimizer = ShardedAdam(LR)
+    from tf_async.strategies import LocalUpdateStrategy
+
+    strategy = LocalUpdateStrategy(base, sync_every=2)  # the same object, now local
+    with strategy.scope():
+        with pytest.raises(ValueError, match="LocalUpdateStrategy"):
+            optimizer.build(model.trainable_variables)

@@ -52,6 +52,15 @@ _MODE_PARAMETER_SERVER = "parameter_server"
 
 def _strategy_mode(strategy: tf.distribute.Strategy) -> str:
     """``"sharded"`` or ``"parameter_server"``; ValueError for anything else."""
+    if _is_local_update(strategy):
+        raise ValueError(
+            "ShardedAdam cannot run under tf_async LocalUpdateStrategy: ZeRO-1 "
+            "splits Adam's m and v because every replica applies the same summed "
+            "gradient, so replica r needs only slice r of the state. Under local "
+            "updates each replica applies its own gradient to its own copy of all "
+            "parameters and needs its own full m and v. Use keras.optimizers.Adam "
+            "there (per-replica state; average_optimizer_state=True averages it)."
+        )
     if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
         return _MODE_SHARDED
     if isinstance(
@@ -69,6 +78,12 @@ def _strategy_mode(strategy: tf.distribute.Strategy) -> str:
         "tf.distribute.experimental.ParameterServerStrategy and "
         "tf_async AsyncParameterServerStrategy. Use keras.optimizers.Adam there."
     )
+
+
+def _is_local_update(strategy: tf.distribute.Strategy) -> bool:
+    from tf_async.strategies.local_update import LocalUpdateStrategy
+
+    return isinstance(strategy, LocalUpdateStrategy)
 
 
 class _ShardGroup:
@@ -171,6 +186,8 @@ class ShardedAdam(keras.optimizers.Adam):
                 f" but is built under {type(current).__name__}. Construct it inside "
                 "`strategy.scope()`."
             )
+        # The strategy may have become a LocalUpdateStrategy since __init__.
+        _strategy_mode(self._distribution_strategy)
         keras.optimizers.Optimizer.build(self, var_list)  # indices, iterations
         strategy = self._distribution_strategy
         num_shards = self.num_shards
