@@ -101,6 +101,8 @@ def test_fit_matches_keras_adam(num_replicas, variant):
     sharded, sharded_opt = fit(strategy, make_sharded)
     assert int(sharded_opt.iterations.numpy()) == STEPS
     assert max_diff(reference, sharded) <= 1e-6
+    if num_replicas <= 2:  # 2-term sums: the same bits as Keras' all-reduce
+        assert max_diff(reference, sharded) == 0.0
     # The logical state is Adam's state, variable by variable.
     expected = [v.numpy() for v in reference_opt.variables]
     got = sharded_opt.logical_state()
@@ -215,9 +217,10 @@ def test_checkpoint_reshards(tmp_path, before, after, build_first):
         status.assert_consumed()
         assert int(optimizer.iterations.numpy()) == 50
         finals[name] = model
-    # Same gradients as the unsharded run: bit for bit.
+    # Keras Adam's trajectory: bit for bit at N <= 2; at N = 4 the
+    # reduce-scatter groups the 4-term sums differently (last-bit effects).
     for a, b in zip(finals["adam"].trainable_weights, finals["sharded"].trainable_weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, rtol=0)
 
 
 def test_checkpoint_holds_logical_state(tmp_path):
@@ -255,7 +258,7 @@ def test_model_save_and_load_across_replica_counts(tmp_path):
     fit(strategy, lambda: loaded.optimizer, steps=10, model=loaded)
     fit(strategy, lambda: reference.optimizer, steps=10, model=reference)
     for a, b in zip(reference.trainable_weights, loaded.trainable_weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, rtol=0)
 
     # What `model.save` writes is Adam's layout: keras Adam loads it as is.
     store = {}
@@ -294,7 +297,6 @@ def test_config_round_trip():
         ({"amsgrad": "yes"}, TypeError, "amsgrad"),
         ({"weight_decay": -1.0}, ValueError, "weight_decay"),
         ({"clipnorm": 1.0, "clipvalue": 1.0}, ValueError, "clipnorm"),
-        ({"use_ema": True}, ValueError, "use_ema"),
         ({"gradient_accumulation_steps": 2}, ValueError, "gradient_accumulation_steps"),
     ],
 )

@@ -171,7 +171,65 @@ class LocalUpdateExtendedSeams:
 #     ``_restore_from_tensors`` — ``CheckpointedTensor`` below.
 # All pinned in tests/test_keras_seams.py (section "sharded Adam seams").
 
-SHARDED_ADAM_OVERRIDES = ("_backend_update_step", "_apply_weight_decay")
+SHARDED_ADAM_OVERRIDES = (
+    "_backend_update_step",
+    "_apply_weight_decay",
+    "_update_model_variables_moving_average",
+    "_overwrite_model_variables_with_average_value",
+)
+#   * ``BaseOptimizer._update_model_variables_moving_average`` /
+#     ``_overwrite_model_variables_with_average_value`` — called by
+#     ``_backend_apply_gradients`` after the update when ``use_ema``;
+#     ShardedAdam folds the EMA (sharded like m and v) into its step.
+#   * TF (not Keras): ``CollectiveAllReduce._launchers`` — one
+#     ``cross_device_utils.CollectiveReplicaLauncher`` per local device, with
+#     ``_group_size``, ``_group_key``, ``_device``, ``_options``,
+#     ``_next_instance_key()``, ``_get_ordering_token()`` and ``_all_gather``;
+#     ZeRO-1's all-to-all / all-gather use the strategy's own collective keys
+#     (``collective_launchers`` and below).
+
+
+def collective_launchers(strategy):
+    """The per-device collective launchers of ``strategy``, or ``None``.
+
+    ``None`` unless the strategy's cross-device ops are TF's
+    ``CollectiveAllReduce`` (MultiWorkerMirrored; Mirrored's CPU default).
+    """
+    from tensorflow.python.distribute import cross_device_ops
+
+    ops_ = getattr(strategy.extended, "_cross_device_ops", None)
+    if ops_ is None:
+        ops_ = getattr(strategy.extended, "_get_cross_device_ops", lambda _: None)(None)
+    if isinstance(ops_, cross_device_ops.CollectiveAllReduce):
+        return list(ops_._launchers)
+    return None
+
+
+def launcher_device(launcher) -> str:
+    return launcher._device
+
+
+def collective_all_to_all(launcher, tensor):
+    """All-to-all of ``tensor`` ([N, ...]): row j goes to replica j; returns [N, ...]."""
+    from tensorflow.python.ops import collective_ops
+
+    instance_key = launcher._next_instance_key()
+    options = launcher._options
+    with tf.device(launcher._device):
+        return collective_ops.all_to_all_v2(
+            tensor,
+            launcher._group_size,
+            launcher._group_key,
+            instance_key,
+            communication_hint=options.implementation.value,
+            timeout=options.timeout_seconds,
+            ordering_token=launcher._get_ordering_token(),
+        )
+
+
+def collective_all_gather(launcher, tensor):
+    """All-gather of ``tensor`` (same static shape everywhere) along axis 0."""
+    return launcher._all_gather(tensor, None)
 
 
 def uses_weight_decay(optimizer, variable) -> bool:

@@ -44,6 +44,7 @@ from keras import ops
 
 from tf_async import _keras_fit
 from tf_async.keras_optimizers._arguments import check_positive, check_unit_interval, is_number
+from tf_async.keras_optimizers import _zero_collectives
 from tf_async.keras_optimizers._flat_layout import FlatLayout
 
 _MODE_SHARDED = "sharded"
@@ -137,15 +138,21 @@ class ShardedAdam(keras.optimizers.Adam):
         **kwargs: Any,
     ) -> None:
         _validate_arguments(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay)
-        for unsupported in ("use_ema", "gradient_accumulation_steps"):
-            if kwargs.get(unsupported):
-                raise ValueError(
-                    f"ShardedAdam does not support `{unsupported}` (its state would "
-                    f"not be sharded). Received: {unsupported}={kwargs[unsupported]!r}"
-                )
+        if kwargs.get("gradient_accumulation_steps"):
+            raise ValueError(
+                "ShardedAdam does not support `gradient_accumulation_steps` (its "
+                "accumulators would not be sharded). Received: "
+                f"gradient_accumulation_steps={kwargs['gradient_accumulation_steps']!r}"
+            )
         if is_number(learning_rate):
             learning_rate = float(learning_rate)
         mode = _strategy_mode(tf.distribute.get_strategy())
+        if mode == _MODE_PARAMETER_SERVER and kwargs.get("use_ema"):
+            raise ValueError(
+                "ShardedAdam does not support `use_ema` under a parameter-server "
+                "strategy (the asynchronous step does not maintain the average). "
+                "Received: use_ema=True"
+            )
         super().__init__(
             learning_rate=learning_rate,
             beta_1=beta_1,
@@ -169,7 +176,11 @@ class ShardedAdam(keras.optimizers.Adam):
         return self._distribution_strategy.num_replicas_in_sync
 
     def _slot_names(self) -> List[str]:
-        return ["momentum", "velocity"] + (["velocity_hat"] if self.amsgrad else [])
+        return (
+            ["momentum", "velocity"]
+            + (["velocity_hat"] if self.amsgrad else [])
+            + (["average"] if self.use_ema else [])
+        )
 
     def build(self, var_list: Sequence[Any]) -> None:
         """Creates the state: per-replica flat slices, or PS-colocated slots."""
@@ -188,7 +199,12 @@ class ShardedAdam(keras.optimizers.Adam):
             )
         # The strategy may have become a LocalUpdateStrategy since __init__.
         _strategy_mode(self._distribution_strategy)
-        keras.optimizers.Optimizer.build(self, var_list)  # indices, iterations
+        # Indices and iterations; not the full-size EMA copies (sharded below).
+        use_ema, self.use_ema = self.use_ema, False
+        try:
+            keras.optimizers.Optimizer.build(self, var_list)
+        finally:
+            self.use_ema = use_ema
         strategy = self._distribution_strategy
         num_shards = self.num_shards
         by_dtype: Dict[tf.DType, List[int]] = {}
@@ -220,13 +236,16 @@ class ShardedAdam(keras.optimizers.Adam):
                 }
                 groups.append(_ShardGroup(dtype, indices, layout, slots))
         self._groups = tuple(groups)
-        # Logical state in keras.optimizers.Adam's order: m_0, v_0, m_1, v_1,
-        # ..., then v_hat_0, v_hat_1, ... (amsgrad).
+        # Logical state in keras.optimizers.Adam's order: average_0, ... (EMA),
+        # m_0, v_0, m_1, v_1, ..., then v_hat_0, v_hat_1, ... (amsgrad).
         locate = {}
         for group in self._groups:
             for position, index in enumerate(group.indices):
                 locate[index] = (group, position)
         order = []
+        if self.use_ema:
+            for index in sorted(locate):
+                order.append(("average", index, *locate[index]))
         for index in sorted(locate):
             for slot in ("momentum", "velocity"):
                 order.append((slot, index, *locate[index]))
@@ -241,6 +260,13 @@ class ShardedAdam(keras.optimizers.Adam):
             )
             for slot, index, group, position in order
         ]
+        if self.use_ema:
+            # Keras' name for the EMA copies, as logical (unsharded) values.
+            self._model_variables_moving_average = [
+                _LogicalValue(slot._read_fn)
+                for slot, (name, *_) in zip(self._logical_slots, order)
+                if name == "average"
+            ]
 
     # ------------------------------------------------ logical (unsharded) state
     def _components(self, group: _ShardGroup, slot: str) -> tuple:
@@ -383,6 +409,26 @@ class ShardedAdam(keras.optimizers.Adam):
                     ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon))
                 )
 
+    # ------------------------------------------------------------------ EMA
+    def _update_model_variables_moving_average(self, trainable_variables) -> None:
+        # Sharded mode updates the EMA slices inside its step.
+        if self._mode != _MODE_SHARDED:
+            super()._update_model_variables_moving_average(trainable_variables)
+
+    def _overwrite_model_variables_with_average_value(self, trainable_variables) -> None:
+        # Sharded mode overwrites through its all-gather (ema_overwrite_frequency).
+        if self._mode != _MODE_SHARDED:
+            super()._overwrite_model_variables_with_average_value(trainable_variables)
+
+    def finalize_variable_values(self, var_list) -> None:
+        """With ``use_ema``: sets the model variables to their moving averages."""
+        if self._mode != _MODE_SHARDED or not self.use_ema:
+            return super().finalize_variable_values(var_list)
+        for variable in var_list:
+            index = self._get_variable_index(variable)
+            average = self._model_variables_moving_average[index]
+            variable.assign(tf.convert_to_tensor(average))
+
     # ----------------------------------------------------------- the update
     def _apply_weight_decay(self, variables) -> None:
         # Sharded mode folds the (decoupled) decay into the sliced update;
@@ -419,93 +465,103 @@ class ShardedAdam(keras.optimizers.Adam):
             self._sharded_step(grads, trainable_variables, learning_rate, reduce=True)
 
     def _sharded_step(self, grads, trainable_variables, learning_rate, reduce: bool) -> None:
-        """ZeRO-1 Adam step for this replica (runs in replica context)."""
+        """ZeRO-1 Adam step for this replica (runs in replica context).
+
+        Per dtype group: flatten the gradients (padded to N·S), reduce-scatter
+        them (``reduce=False``: they are totals already, take this replica's
+        block), update this replica's slice of m, v (and EMA) and of the
+        parameters, all-gather the new parameters, write them back. The
+        replica id may be dynamic (TPU): slices have static sizes.
+        """
         context = tf.distribute.get_replica_context()
         num_shards = self.num_shards
-        replica = 0
-        if num_shards > 1:
-            replica = tf.get_static_value(context.replica_id_in_sync_group)
-            if replica is None:
-                raise ValueError("ShardedAdam needs a static replica id (MirroredStrategy).")
-            replica = int(replica)
-        grads = [
-            tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
-            for g in grads
-        ]
-        if reduce and num_shards > 1:
-            grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        replica = _zero_collectives.replica_id(context)
         grad_of = {
-            self._get_variable_index(v): g for g, v in zip(grads, trainable_variables)
+            self._get_variable_index(v): (
+                tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+            )
+            for g, v in zip(grads, trainable_variables)
+            if g is not None
         }
         variables = self._trainable_variables
-        decay = self.weight_decay is not None
-        new_slices = []
+        writes = []
         for group in self._groups:
-            new_slices.append(
-                self._update_slice(group, replica, grad_of, variables, learning_rate, decay)
-            )
-        if num_shards > 1:
-            gathered = self._all_gather(context, replica, new_slices)
-        else:
-            gathered = new_slices
-        for group, flat in zip(self._groups, gathered):
-            for position, index in enumerate(group.indices):
-                if index not in grad_of:
-                    continue
-                variable = variables[index]
-                offset = group.layout.offsets[position]
-                size = group.layout.sizes[position]
-                value = tf.reshape(flat[offset : offset + size], variable.shape)
-                local = self._distribution_strategy.experimental_local_results(
-                    variable.value
-                )[replica]
-                local.assign(value)
-
-    def _all_gather(self, context, replica: int, slices: List[tf.Tensor]) -> List[tf.Tensor]:
-        """Every replica's slice, concatenated: ``[N · S]`` per group.
-
-        An all-gather done as one all-reduce (SUM) of the slices zero-padded to
-        their place: exact (x + 0 = x), one collective with static shapes.
-        ``ReplicaContext.all_gather`` on CPU collectives first exchanges the
-        shapes, then gathers, then unpads with dynamic slices; in
-        ``benchmarks/sharded_adam.py`` (N = 8) it made the step ~1.4x Adam's,
-        this ~0.9x.
-        """
-        num_shards = self.num_shards
-        padded = [
-            tf.pad(s, [[replica * s.shape[0], (num_shards - 1 - replica) * s.shape[0]]])
-            for s in slices
-        ]
-        return context.all_reduce(tf.distribute.ReduceOp.SUM, padded)
-
-    def _update_slice(self, group, replica, grad_of, variables, learning_rate, decay):
-        """Adam on this replica's slice of ``group``; returns the new parameter slice."""
-        dtype = group.dtype
-        g_parts, w_parts, keep = [], [], []
-        lr = ops.cast(learning_rate, dtype)
-        for piece in group.layout.pieces(replica):
-            index = group.indices[piece.index]
-            variable = variables[index]
-            w = tf.reshape(variable.value, [-1])[piece.start : piece.stop]
-            if decay and index in grad_of and _keras_fit.uses_weight_decay(self, variable):
-                wd = ops.cast(self.weight_decay, dtype)
-                w = w - w * wd * lr
-            w_parts.append(w)
-            gradient = grad_of.get(index)
-            if gradient is None:
-                g_parts.append(tf.zeros([piece.size], dtype))
+            layout = group.layout
+            size = layout.shard_size
+            flat_g = self._flatten(group, [grad_of.get(i) for i in group.indices])
+            if num_shards == 1:
+                g = flat_g
+            elif reduce:
+                g = _zero_collectives.reduce_scatter(context, flat_g, num_shards)
             else:
-                g_parts.append(
-                    tf.reshape(ops.cast(gradient, dtype), [-1])[piece.start : piece.stop]
+                g = _zero_collectives.block(flat_g, replica, size)
+            flat_w = self._flatten(group, [variables[i].value for i in group.indices])
+            w = _zero_collectives.block(flat_w, replica, size)
+            has_grad = [i in grad_of for i in group.indices]
+            decays = [
+                self.weight_decay is not None
+                and i in grad_of
+                and _keras_fit.uses_weight_decay(self, variables[i])
+                for i in group.indices
+            ]
+            w_new = self._update_slice(
+                group, replica, g, w, learning_rate,
+                self._mask(group, has_grad, replica), self._mask(group, decays, replica),
+            )
+            flat_new = (
+                _zero_collectives.all_gather(context, w_new, num_shards)
+                if num_shards > 1
+                else w_new
+            )
+            for position, index in enumerate(group.indices):
+                offset, count = layout.offsets[position], layout.sizes[position]
+                variable = variables[index]
+                writes.append(
+                    (variable.value, tf.reshape(flat_new[offset : offset + count], variable.shape))
                 )
-            keep.append((gradient is not None, piece.size))
-        padding = group.layout.shard_padding(replica)
-        if padding:
-            g_parts.append(tf.zeros([padding], dtype))
-            w_parts.append(tf.zeros([padding], dtype))
-            keep.append((True, padding))
-        g = tf.concat(g_parts, axis=0) if len(g_parts) > 1 else g_parts[0]
-        w = tf.concat(w_parts, axis=0) if len(w_parts) > 1 else w_parts[0]
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            _assign_all, self._distribution_strategy, writes
+        )
+
+    @staticmethod
+    def _flatten(group: _ShardGroup, tensors) -> tf.Tensor:
+        """``tensors`` (None: zeros) flattened back to back, padded to N·S."""
+        layout = group.layout
+        parts = [
+            tf.zeros([size], group.dtype)
+            if t is None
+            else tf.reshape(ops.cast(t, group.dtype), [-1])
+            for t, size in zip(tensors, layout.sizes)
+        ]
+        if layout.padding:
+            parts.append(tf.zeros([layout.padding], group.dtype))
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+
+    @staticmethod
+    def _mask(group: _ShardGroup, flags: Sequence[bool], replica):
+        """This replica's block of a per-variable flag, or None if all set."""
+        if all(flags):
+            return None
+        layout = group.layout
+        full = np.zeros([layout.padded_total], bool)
+        for position, flag in enumerate(flags):
+            offset = layout.offsets[position]
+            full[offset : offset + layout.sizes[position]] = flag
+        return _zero_collectives.block(tf.constant(full), replica, layout.shard_size)
+
+    def _update_slice(self, group, replica, g, w, learning_rate, keep, decay):
+        """Adam on this replica's slice; returns the slice to all-gather.
+
+        ``keep``: elements whose variable has a gradient (None: all); the
+        others keep their value and state, as in Keras Adam. ``decay``:
+        elements under AdamW's decoupled decay (None: all, if any decay).
+        """
+        dtype = group.dtype
+        lr = ops.cast(learning_rate, dtype)
+        w_old = w
+        if self.weight_decay is not None:
+            decayed = w - w * ops.cast(self.weight_decay, dtype) * lr
+            w = decayed if decay is None else tf.where(decay, decayed, w)
 
         local_step = ops.cast(self.iterations + 1, dtype)
         beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
@@ -524,21 +580,68 @@ class ShardedAdam(keras.optimizers.Adam):
             v_used = v_hat
         w_new = w - ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v_used), self.epsilon))
 
-        if not all(has for has, _ in keep):
-            # Variables without a gradient keep their state, as in Keras Adam.
-            mask = tf.concat(
-                [tf.fill([size], has) for has, size in keep], axis=0
-            )
-            m = tf.where(mask, m, m_old)
-            v = tf.where(mask, v, v_old)
-            w_new = tf.where(mask, w_new, w)
+        if keep is not None:
+            m = tf.where(keep, m, m_old)
+            v = tf.where(keep, v, v_old)
+            w_new = tf.where(keep, w_new, w_old)
             if v_hat is not None:
-                v_hat = tf.where(mask, v_hat, v_hat_old)
+                v_hat = tf.where(keep, v_hat, v_hat_old)
         m_var.assign(m)
         v_var.assign(v)
         if v_hat is not None:
             group.slots["velocity_hat"].assign(v_hat)
+        if not self.use_ema:
+            return w_new
+        # Keras' EMA (BaseOptimizer._update_model_variables_moving_average),
+        # on the slice: the first step copies, then momentum-averages.
+        average = group.slots["average"]
+        not_first_step = ops.not_equal(self.iterations, 0)
+        momentum = ops.multiply(ops.cast(not_first_step, dtype), self.ema_momentum)
+        new_average = ops.add(
+            ops.multiply(momentum, average.read_value()),
+            ops.multiply(ops.subtract(1, momentum), w_new),
+        )
+        average.assign(new_average)
+        if self.ema_overwrite_frequency:
+            overwrite = (self.iterations + 1) % self.ema_overwrite_frequency == 0
+            w_new = tf.where(overwrite, new_average, w_new)
         return w_new
+
+
+class _LogicalValue:
+    """Read-only view of one variable's unsharded EMA (assembled from slices)."""
+
+    def __init__(self, read_fn) -> None:
+        self._read_fn = read_fn
+
+    def value(self) -> tf.Tensor:
+        return self._read_fn()
+
+    def numpy(self) -> np.ndarray:
+        return np.asarray(self._read_fn().numpy())
+
+    def __array__(self, dtype=None, copy=None):
+        value = self.numpy()
+        return value if dtype is None else value.astype(dtype)
+
+    @property
+    def shape(self):
+        return self._read_fn().shape
+
+
+tf.register_tensor_conversion_function(
+    _LogicalValue, lambda value, dtype=None, name=None, as_ref=False: value.value()
+)
+
+
+def _assign_all(distribution, writes) -> None:
+    """Writes each (variable, value) on every replica's copy (Keras' pattern)."""
+    for variable, value in writes:
+        distribution.extended.update(variable, _assign, args=(value,), group=False)
+
+
+def _assign(variable, value):
+    return variable.assign(value)
 
 
 def _validate_arguments(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay) -> None:
