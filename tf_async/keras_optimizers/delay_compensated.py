@@ -58,12 +58,6 @@ def _check_dc_args(lambda_: float, meansq_momentum: float, epsilon: float) -> No
     check_positive("epsilon", epsilon)
 
 
-def _dense(gradient):
-    if isinstance(gradient, tf.IndexedSlices):
-        return tf.convert_to_tensor(gradient)
-    return gradient
-
-
 def _stale_delta(variable) -> Optional[tf.Tensor]:
     """``w_now − w_read`` for ``variable``, or None if its gradient is fresh.
 
