@@ -151,7 +151,7 @@ def dense_table_notice(optimizer, tables) -> Optional[str]:
         arrays = 1 + _slot_count(base, variable)
         total += rows * width * size * arrays
         parts.append(
-            f"'{variable.path}' {rows} rows x {width} x {size} B x {arrays} arrays"
+            f"'{variable.path}' ({rows} rows x {width} x {size} B x {arrays} arrays)"
         )
     return (
         f"tf_async: {type(base).__name__} updates every row of embedding table(s) "
@@ -180,7 +180,7 @@ def _notice_once(optimizer, gradients, variables) -> None:
         _NOTIFIED.add(optimizer)
     except TypeError:
         pass
-    warnings.warn(message, UserWarning, stacklevel=3)
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 @contextlib.contextmanager
