@@ -14,3 +14,6 @@ __all__ += ["StalenessScaled"]
 from tf_async.keras_optimizers.sharded_adam import ShardedAdam  # noqa: E402
 
 __all__ += ["ShardedAdam"]
+from tf_async.keras_optimizers.lazy import LazyAdam, LazyAdamW, LazySGD  # noqa: E402
+
+__all__ += ["LazyAdam", "LazyAdamW", "LazySGD"]

@@ -35,3 +35,30 @@ def check_positive(name: str, value: Any) -> None:
 def check_non_negative(name: str, value: Any) -> None:
     """``value`` >= 0 (compensation strengths)."""
     _check(name, value, lambda v: v >= 0, ">= 0")
+
+
+def check_learning_rate(learning_rate: Any) -> Any:
+    """A float > 0 (returned as float), or a schedule / callable (unchanged)."""
+    if isinstance(learning_rate, bool):
+        raise TypeError("`learning_rate` must be a float > 0, a schedule or a callable.")
+    if isinstance(learning_rate, (int, float)):
+        if not learning_rate > 0:
+            raise ValueError(
+                f"`learning_rate` must be > 0; received learning_rate={learning_rate}."
+            )
+        return float(learning_rate)
+    return learning_rate
+
+
+def check_weight_decay(weight_decay: Any) -> None:
+    """``None`` or a float >= 0."""
+    if weight_decay is None:
+        return
+    if not is_number(weight_decay):
+        raise TypeError(
+            f"`weight_decay` must be None or a float >= 0; received weight_decay={weight_decay!r}."
+        )
+    if not weight_decay >= 0:
+        raise ValueError(
+            f"`weight_decay` must be None or >= 0; received weight_decay={weight_decay}."
+        )

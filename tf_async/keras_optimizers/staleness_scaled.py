@@ -17,6 +17,11 @@ rate lr·f(τ) (momentum buffers still see the full gradient).
 training) the wrapper calls ``inner.apply`` and nothing else, so it equals the
 inner optimizer exactly. The excess (1 − f)·Δ is removed with one
 ``assign_sub`` per variable through ``strategy.extended.update``.
+
+An embedding table with a row-sparse gradient whose inner optimizer changes
+only the touched rows (``row_sparse.updates_only_touched_rows``: SGD(),
+Adagrad, LazyAdam, ...) is scaled on those rows only (read before, one
+``scatter_sub`` after); otherwise the whole table, as the inner update is.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import keras
 import tensorflow as tf
 
 from tf_async import _keras_fit, staleness
+from tf_async.keras_optimizers import _sparse_rows, row_sparse
 from tf_async.keras_optimizers._arguments import check_unit_interval
 
 __all__ = ["StalenessScaled", "POLICIES"]
@@ -46,9 +52,13 @@ def staleness_factor(tau, policy: str, beta: float = 0.0) -> tf.Tensor:
     raise ValueError(f"`policy` must be one of {POLICIES}; received policy={policy!r}.")
 
 
-def _shrink(variable, before, keep):
-    """variable -= (1 − keep) · (variable − before)   (keeps keep·Δ)."""
+def _shrink(variable, before, keep, ids=None):
+    """variable -= (1 − keep) · (variable − before)   (keeps keep·Δ); on rows
+    ``ids`` only when given."""
     keep = tf.cast(keep, variable.dtype)
+    if ids is not None:
+        excess = (1 - keep) * (_sparse_rows.gather(variable, ids) - before)
+        return _sparse_rows.scatter_sub(variable, ids, excess)
     excess = (1 - keep) * (variable.read_value() - before)
     return variable.assign_sub(excess)
 
@@ -153,16 +163,25 @@ class StalenessScaled(keras.optimizers.Optimizer):
             self._trainable_variables if trainable_variables is None else trainable_variables
         )
         grads = list(grads)
-        raw = [_keras_fit.raw_variable(v) for v in variables]
-        updated = [r for r, g in zip(raw, grads) if g is not None]
-        before = [r.read_value() for r in updated]
+        updated = []  # (tf variable, value before, rows or None)
+        for variable, gradient in zip(variables, grads):
+            if gradient is None:
+                continue
+            raw = _keras_fit.raw_variable(variable)
+            if _sparse_rows.is_rows(gradient) and row_sparse.updates_only_touched_rows(
+                self.inner_optimizer, variable
+            ):
+                ids, _ = tf.unique(gradient.indices)
+                updated.append((raw, _sparse_rows.gather(raw, ids), ids))
+            else:
+                updated.append((raw, raw.read_value(), None))
         keep = self.factor(context.tau)
         self.inner_optimizer.apply(grads, variables)
 
         def rescale(distribution):
-            for variable, value in zip(updated, before):
+            for variable, value, ids in updated:
                 distribution.extended.update(
-                    variable, _shrink, args=(value, keep), group=False
+                    variable, _shrink, args=(value, keep, ids), group=False
                 )
 
         replica_context = tf.distribute.get_replica_context()

@@ -64,6 +64,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_async import _keras_fit, staleness
+from tf_async.keras_optimizers import row_sparse
 from tf_async.strategies import _fused_transfer, _nonfinite
 
 _COUNT_LIMIT = 2**62
@@ -244,7 +245,9 @@ class TrainStep:
         trainable = model.trainable_variables
         graph = tf.compat.v1.get_default_graph()
         first = len(graph.get_operations())
-        with staleness.publish(tau, trainable, values):
+        with staleness.publish(tau, trainable, values), row_sparse.updates(
+            model.optimizer, gradients, trainable
+        ):
             model.optimizer.apply(gradients, trainable)
         created = graph.get_operations()[first:]
         return tf.group(*created) if created else tf.no_op()

@@ -1,0 +1,113 @@
+"""Row-sparse optimizers under AsyncParameterServerStrategy.fit (fresh process).
+
+One worker: every step reads the latest weights (τ = 0), so the async fit must
+equal a fit without a strategy. The reference's table gets its *dense*
+gradient (one-hot matmul: duplicates summed), i.e. Keras' dense result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+ROWS, WIDTH, IDS, USED = 200, 8, 6, 150
+STEPS = 12
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, USED, size=(96, IDS)).astype("int32")  # rows >= USED unused
+    x[:, 1] = x[:, 0]  # repeated ids in every example
+    y = rng.normal(size=(96, 1)).astype("float32")
+    return x, y
+
+
+def _model(dense_gradient_table=False):
+    import keras
+    from keras import ops
+
+    class DenseGradientEmbedding(keras.layers.Embedding):
+        """Embedding whose table gradient is dense (one-hot @ table)."""
+
+        def call(self, inputs):
+            return ops.matmul(ops.one_hot(inputs, ROWS), self.embeddings)
+
+    layer = DenseGradientEmbedding if dense_gradient_table else keras.layers.Embedding
+    inputs = keras.Input((IDS,), dtype="int32")
+    h = layer(ROWS, WIDTH, name="table")(inputs)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(inputs, keras.layers.Dense(1, name="head")(h))
+
+
+def _child_fits():
+    import warnings
+
+    import keras
+    import tensorflow as tf
+
+    import tf_async
+    from tf_async.keras_optimizers import DCAdam, LazyAdam, StalenessScaled
+
+    x, y = _data()
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat()
+    optimizers = {
+        "adagrad_by_name": lambda: "adagrad",
+        "adagrad": lambda: keras.optimizers.Adagrad(0.2),
+        "sgd": lambda: keras.optimizers.SGD(0.5),
+        "lazy_adam": lambda: LazyAdam(0.05),
+        "dcadam_lazy": lambda: DCAdam(0.05, lambda_=0.5, lazy=True),
+        "scaled_adagrad": lambda: StalenessScaled(keras.optimizers.Adagrad(0.2)),
+        "adam": lambda: keras.optimizers.Adam(0.05),  # dense: the notice
+    }
+    keras.utils.set_random_seed(3)
+    initial = _model().get_weights()
+    expected = {}
+    for name, make in optimizers.items():
+        # Stock optimizers: Keras' dense result. Lazy ones sum duplicates
+        # themselves (a dense gradient would make them dense Adam); stock Adam
+        # keeps Keras' own IndexedSlices path.
+        reference = _model(dense_gradient_table=not name.startswith(("lazy", "dcadam", "adam")))
+        reference.set_weights(initial)
+        reference.compile(optimizer=make(), loss="mse")
+        reference.fit(data, epochs=1, steps_per_epoch=STEPS, verbose=0)
+        reference.fit(data, epochs=1, steps_per_epoch=1, verbose=0)
+        expected[name] = reference.get_weights()  # read before joining a cluster
+
+    strategy = tf_async.strategies.AsyncParameterServerStrategy(
+        tf_async.local_cluster(workers=1, ps=1)
+    )
+    result = {"diff": {}, "untouched_moved": {}, "notices": {}, "staleness_max": {}}
+    for name, make in optimizers.items():
+        with strategy.scope():
+            model = _model()
+            model.set_weights(initial)
+            model.compile(optimizer=make(), loss="mse")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            history = model.fit(data, epochs=1, steps_per_epoch=STEPS, verbose=0)
+            model.fit(data, epochs=1, steps_per_epoch=1, verbose=0)  # second fit: silent
+        got = model.get_weights()
+        result["notices"][name] = [
+            str(w.message) for w in caught if str(w.message).startswith("tf_async:")
+        ]
+        result["staleness_max"][name] = history.history["staleness_max"][0]
+        result["untouched_moved"][name] = float(np.abs(got[0][USED:] - initial[0][USED:]).max())
+        result["diff"][name] = float(
+            max(np.abs(a - b).max() for a, b in zip(got, expected[name]))
+        )
+    return result
+
+
+@pytest.mark.slow
+def test_row_sparse_optimizers_under_async_ps_fit_equal_dense_keras(fresh_process):
+    r = fresh_process(_child_fits, timeout=900)
+    for name, diff in r["diff"].items():
+        assert r["staleness_max"][name] == 0, name
+        assert diff < 1e-5, (name, diff)
+    for name in ("adagrad_by_name", "adagrad", "sgd", "lazy_adam", "dcadam_lazy",
+                 "scaled_adagrad"):
+        assert r["untouched_moved"][name] == 0.0, name  # rows never looked up
+        assert r["notices"][name] == [], name
+    [notice] = r["notices"]["adam"]  # once, although there were two fits
+    assert "'table/embeddings' (200 rows x 8 x 4 B x 3 arrays)" in notice
+    assert "LazyAdam" in notice

@@ -1,0 +1,109 @@
+"""Row-sparse building blocks shared by tf_async's optimizers.
+
+A gradient of an embedding table arrives as a ``tf.IndexedSlices``: rows
+``indices`` of the table, ``values`` their gradients. In plain Keras the same
+id may occur several times (once per lookup); the dense gradient a Keras
+optimizer would see is the *sum* over the occurrences
+(``tf.convert_to_tensor(IndexedSlices)`` is ``unsorted_segment_sum``). Every
+row-sparse update here therefore works on :func:`unique_rows`: each touched
+row once, with its summed gradient. Squaring per occurrence instead (what
+``ops.square`` on an ``IndexedSlices`` does) would differ from the dense
+result.
+
+Reads and writes touch only those rows, on the device(s) holding the variable
+(``tf_async._rows.gather``; ``scatter_*`` of a ``tf.Variable`` or a
+``ShardedVariable``). Nothing here reads a table densely: a resource variable
+that has been accessed sparsely is in TF's copy-on-read mode, where every
+dense read copies the whole buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import tensorflow as tf
+
+from tf_async import _keras_fit, _rows, staleness
+
+
+def is_rows(gradient) -> bool:
+    """True for a row-sparse (``tf.IndexedSlices``) gradient."""
+    return isinstance(gradient, tf.IndexedSlices)
+
+
+def unique_rows(gradient: tf.IndexedSlices, dtype=None) -> Tuple[tf.Tensor, tf.Tensor]:
+    """``(ids, rows)``: each touched row once, duplicates summed (dense semantics).
+
+    ``ids`` keep the order of first occurrence (so unique input stays as is).
+    """
+    values = gradient.values
+    if dtype is not None:
+        values = tf.cast(values, dtype)
+    ids, position = tf.unique(gradient.indices)
+    rows = tf.math.unsorted_segment_sum(values, position, tf.shape(ids)[0])
+    return ids, rows
+
+
+def gather(variable, ids) -> tf.Tensor:
+    """Rows ``ids`` of ``variable`` (a Keras or tf variable), read where they live."""
+    return _rows.gather(variable, ids)
+
+
+def _target(variable):
+    return _keras_fit.raw_variable(variable)
+
+
+def scatter_update(variable, ids, rows):
+    """``variable[ids] = rows`` (ids unique)."""
+    rows = tf.cast(rows, variable.dtype)
+    return _target(variable).scatter_update(tf.IndexedSlices(rows, ids))
+
+
+def scatter_add(variable, ids, rows):
+    """``variable[ids] += rows`` (atomic per row on the variable's device)."""
+    rows = tf.cast(rows, variable.dtype)
+    return _target(variable).scatter_add(tf.IndexedSlices(rows, ids))
+
+
+def scatter_sub(variable, ids, rows):
+    """``variable[ids] -= rows``."""
+    rows = tf.cast(rows, variable.dtype)
+    return _target(variable).scatter_sub(tf.IndexedSlices(rows, ids))
+
+
+def densify(ids, rows, variable) -> tf.Tensor:
+    """The dense gradient of ``variable`` whose only non-zero rows are ``rows``."""
+    shape = tf.shape(rows, out_type=tf.int64)
+    dense_shape = tf.concat([[int(variable.shape[0])], shape[1:]], axis=0)
+    return tf.convert_to_tensor(tf.IndexedSlices(rows, ids, dense_shape))
+
+
+def read_rows(variable, ids) -> tf.Tensor:
+    """``w_read[ids]``: the rows ``ids`` as the step read them.
+
+    The published read value (``tf_async.staleness``) is either a dense tensor
+    (gathered) or the ``IndexedSlices`` of the rows the step read; a row the
+    step did not publish is taken at its current value (a fresh gradient, so
+    no compensation for it).
+    """
+    read = staleness.read_value(variable)
+    if not isinstance(read, tf.IndexedSlices):
+        return tf.gather(tf.cast(read, variable.dtype), ids)
+    values = tf.cast(read.values, variable.dtype)
+    if read.indices is ids:
+        return values
+    # Position of each id among the (unique) rows read: ``tf.unique`` numbers
+    # values by first occurrence, so the rows read keep positions 0..n-1 and
+    # an id not among them gets a position >= n (then: the padding row).
+    read_ids = tf.cast(read.indices, ids.dtype)
+    count = tf.shape(read_ids)[0]
+    _, position = tf.unique(tf.concat([read_ids, ids], axis=0))
+    position = tf.minimum(position[count:], count)
+    pad = tf.zeros(tf.concat([[1], tf.shape(values)[1:]], axis=0), values.dtype)
+    padded = tf.concat([values, pad], axis=0)
+    picked = tf.gather(padded, position)
+    found = tf.reshape(
+        position < count,
+        tf.concat([tf.shape(position), tf.ones([tf.rank(values) - 1], tf.int32)], 0),
+    )
+    return tf.where(found, picked, gather(variable, ids))
