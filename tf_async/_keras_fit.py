@@ -568,3 +568,115 @@ def outside_strategy_scopes():
                 distribute_lib._push_per_thread_mode(mode)
 
     return scope()
+
+
+# ---- embedding tables seams (Keras 3.15) ----
+# Used by tf_async/_rows.py and tf_async/strategies/_ps_train_step.py; pinned
+# by the "embedding tables seams" tests in tests/test_keras_seams.py.
+#
+# * ``keras.layers.Embedding.call(inputs)`` (keras/src/layers/core/
+#   embedding.py): ids not int32/int64 are cast to int32, then
+#   ``ops.take(self.embeddings, ids, axis=0)`` (negative ids count from the
+#   end), cast to ``compute_dtype``. ``ops.take`` converts the whole table to
+#   a tensor first: a table on a parameter server travels whole to the caller.
+#   ``install_embedding_lookup`` wraps ``Embedding.call`` once (class
+#   attribute); while an ``embedding_lookup(handler)`` context is active on
+#   this thread the handler decides each call (``NotImplemented``: Keras' own
+#   call), otherwise ``default_handler`` does (tables on a parameter server:
+#   rows gathered where they live).
+# * ``layer.embeddings`` is the table itself (``layer._embeddings``) only
+#   without LoRA and quantization (public ``lora_enabled`` /
+#   ``quantization_mode``); ``plain_embedding_table`` returns it then.
+# * ``keras.Variable.value`` asks the active ``StatelessScope`` for the
+#   variable's value with ``scope.get_current_value(variable)`` (keras/src/
+#   backend/common/variables.py): every read of a Keras variable inside the
+#   scope goes through that call. ``VariableReadScope`` reports those reads.
+
+import contextlib as _contextlib
+import functools as _functools
+import threading as _threading
+
+_embedding_local = _threading.local()
+
+
+def _embedding_handlers() -> list:
+    handlers = getattr(_embedding_local, "handlers", None)
+    if handlers is None:
+        handlers = _embedding_local.handlers = []
+    return handlers
+
+
+def plain_embedding_table(layer):
+    """The table ``Embedding.call`` looks ids up in (a Keras variable), or
+    ``None`` for a LoRA/quantized layer (whose lookup reads more than rows)."""
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+        return None
+    return layer.embeddings
+
+
+def keras_embedding_call(layer, inputs):
+    """Keras' own ``Embedding.call`` (not the wrapped one)."""
+    return _ORIGINAL_EMBEDDING_CALL(layer, inputs)
+
+
+_ORIGINAL_EMBEDDING_CALL = None
+default_embedding_handler = None  # set by tf_async._rows (rows of PS tables)
+
+
+def install_embedding_lookup() -> None:
+    """Routes ``keras.layers.Embedding.call`` through the active handler. Idempotent."""
+    global _ORIGINAL_EMBEDDING_CALL
+    cls = keras.layers.Embedding
+    original = cls.__dict__["call"]
+    if getattr(original, "_tf_async_rows", False):
+        return
+    _ORIGINAL_EMBEDDING_CALL = original
+
+    @_functools.wraps(original)
+    def call(self, inputs):
+        handlers = _embedding_handlers()
+        handler = handlers[-1] if handlers else default_embedding_handler
+        if handler is not None:
+            outputs = handler(self, inputs)
+            if outputs is not NotImplemented:
+                return outputs
+        return original(self, inputs)
+
+    call._tf_async_rows = True
+    cls.call = call
+
+
+@_contextlib.contextmanager
+def embedding_lookup(handler):
+    """Inside: ``Embedding.call`` asks ``handler(layer, inputs)`` first (this thread)."""
+    install_embedding_lookup()
+    handlers = _embedding_handlers()
+    handlers.append(handler)
+    try:
+        yield
+    finally:
+        handlers.pop()
+
+
+class VariableReadScope(keras.StatelessScope):
+    """A ``StatelessScope`` that calls ``on_read(variable)`` for every read of
+    a Keras variable inside it (``on_read`` may raise)."""
+
+    def __init__(self, state_mapping=None, on_read=None):
+        super().__init__(state_mapping=state_mapping)
+        self._on_read = on_read
+
+    def get_current_value(self, variable):
+        if self._on_read is not None:
+            self._on_read(variable)
+        return super().get_current_value(variable)
+
+
+def stateless_value(variable):
+    """The value the active ``StatelessScope`` maps ``variable`` to, or ``None``."""
+    from keras.src.backend.common.stateless_scope import get_stateless_scope
+
+    scope = get_stateless_scope()
+    if scope is None:
+        return None
+    return keras.StatelessScope.get_current_value(scope, variable)

@@ -65,7 +65,7 @@ import tensorflow as tf
 
 from tf_async import _keras_fit, staleness
 from tf_async.keras_optimizers import row_sparse
-from tf_async.strategies import _fused_transfer, _nonfinite
+from tf_async.strategies import _fused_transfer, _nonfinite, _table_rows
 
 _COUNT_LIMIT = 2**62
 
@@ -178,44 +178,96 @@ class TrainStep:
         self.max_staleness = max_staleness
         self.on_nonfinite = _nonfinite.check_on_nonfinite(on_nonfinite)
         self._updated_non_trainable: Optional[List[int]] = None
+        self._row_tables: dict = {}  # input signature -> tables read as rows
 
     # -- forward/backward on a snapshot ---------------------------------------
-    def _forward_backward(self, values, x, y, sample_weight):
+    def _loss(self, x, y, sample_weight):
+        model = self.model
+        if _keras_fit.call_has_training_arg(model):
+            y_pred = model(x, training=True)
+        else:
+            y_pred = model(x)
+        loss = _keras_fit.compute_loss(model, x, y, y_pred, sample_weight)
+        scaled = model.optimizer.scale_loss(loss) if model.optimizer else loss
+        return y_pred, loss, scaled
+
+    def _tables(self, x, y, sample_weight) -> dict:
+        """The embedding tables snapshotted as rows (:mod:`_table_rows`),
+        ``{id(variable): variable}``, decided once per input signature."""
+        signature = repr(tf.nest.map_structure(_table_rows._spec, (x, y, sample_weight)))
+        if signature not in self._row_tables:
+            self._row_tables[signature] = _table_rows.tables_read_by_rows(
+                self.model, x, y, sample_weight, self._loss
+            )
+        return self._row_tables[signature]
+
+    def _forward_backward(self, values, x, y, sample_weight, after=()):
+        """Forward + backward pass on the snapshot ``values`` (``None`` for a
+        table read as rows: its rows are read during the pass, after ``after``).
+
+        Returns ``(gradients, y_pred, loss, updates, row_reads)``; a table's
+        gradient is ``IndexedSlices`` of the unique ids looked up and its
+        ``row_reads`` entry the rows read (``IndexedSlices``, same ids).
+        """
         model = self.model
         trainable = model.trainable_variables
         non_trainable = model.non_trainable_variables
+        tables = self._tables(x, y, sample_weight)
+        dense = [i for i, v in enumerate(trainable) if id(v) not in tables]
+        dense_values = [values[i] for i in dense]
+
+        def guard(variable):
+            if id(variable) in tables:
+                raise RuntimeError(
+                    f"tf_async: table {variable.path} was read whole inside the "
+                    "step although the probe found only row lookups (a bug)."
+                )
+
         with tf.GradientTape() as tape:
-            tape.watch(values)
-            with keras.StatelessScope(state_mapping=list(zip(trainable, values))) as scope:
-                if _keras_fit.call_has_training_arg(model):
-                    y_pred = model(x, training=True)
-                else:
-                    y_pred = model(x)
-                loss = _keras_fit.compute_loss(model, x, y, y_pred, sample_weight)
-                scaled = model.optimizer.scale_loss(loss) if model.optimizer else loss
-        gradients = tape.gradient(scaled, values)
+            tape.watch(dense_values)
+            table_rows = _table_rows.StepRows(tables, tape, after)
+            mapping = [(trainable[i], values[i]) for i in dense]
+            with _keras_fit.embedding_lookup(table_rows.lookup), \
+                    _keras_fit.VariableReadScope(mapping, on_read=guard) as scope:
+                y_pred, loss, scaled = self._loss(x, y, sample_weight)
+        sources = table_rows.sources()
+        computed = tape.gradient(scaled, dense_values + sources)
+        gradients: list = [None] * len(trainable)
+        for i, gradient in zip(dense, computed[:len(dense)]):
+            gradients[i] = gradient
+        row_reads: list = [None] * len(trainable)
+        by_table = table_rows.gradients_and_reads(computed[len(dense):])
+        for i, variable in enumerate(trainable):
+            if id(variable) in by_table:
+                gradients[i], row_reads[i] = by_table[id(variable)]
         new_non_trainable = [scope.get_current_value(v) for v in non_trainable]
         if self._updated_non_trainable is None:
             self._updated_non_trainable = [
                 i for i, value in enumerate(new_non_trainable) if value is not None
             ]
         updates = [new_non_trainable[i] for i in self._updated_non_trainable]
-        return list(gradients), y_pred, loss, updates
+        return gradients, y_pred, loss, updates, row_reads
 
-    def _read_variables(self, after=()):
+    def _read_variables(self, x, y, sample_weight, after=()):
         """One snapshot of every trainable variable (each read once), fused
-        into one transfer per parameter server (:mod:`_fused_transfer`).
+        into one transfer per parameter server (:mod:`_fused_transfer`);
+        tables read as rows are not read here (``None``): the forward pass
+        reads their rows (:mod:`_table_rows`).
 
         Returns ``(commit_values, values)``: ``values`` is the snapshot on the
         worker (for the forward pass), ``commit_values`` the same snapshot where
         the reads ran (so optimizers that use ``w_read`` on the PS, such as
         DC-ASGD, cost no transfer back). The reads run after the ops ``after``.
         """
+        tables = self._tables(x, y, sample_weight)
         reads, shard_counts = [], []
         # Only the reads wait for ``after``: a control edge into the worker's
         # part of the graph would cost one more cross-device message.
         with tf.control_dependencies(after):
             for variable in self.model.trainable_variables:
+                if id(variable) in tables:
+                    shard_counts.append(0)
+                    continue
                 target = variable.value
                 parts = getattr(target, "variables", None) or [target]  # shards
                 for part in parts:
@@ -226,7 +278,10 @@ class TrainStep:
         values, commit_values = [], []
         first = 0
         for count in shard_counts:
-            if count == 1:
+            if count == 0:  # a table: rows read in the forward pass
+                values.append(None)
+                commit_values.append(None)
+            elif count == 1:
                 values.append(received[first])
                 commit_values.append(reads[first])
             else:  # a ShardedVariable: its shards concatenated on the worker
@@ -234,6 +289,12 @@ class TrainStep:
                 commit_values.append(values[-1])
             first += count
         return commit_values, values
+
+    @staticmethod
+    def _with_rows(commit_values, row_reads) -> list:
+        """The step's ``w_read``: the dense snapshot, a table's rows read."""
+        return [rows if rows is not None else value
+                for value, rows in zip(commit_values, row_reads)]
 
     def _apply(self, gradients, values, tau) -> tf.Operation:
         """``optimizer.apply`` inside the StepContext; returns a group of its ops.
@@ -264,10 +325,11 @@ class TrainStep:
         with tf.control_dependencies(_batch_tensors(data)):
             with tf.device(ps):
                 v_read = counters.version.read_value()
-        commit_values, values = self._read_variables(after=[v_read])
-        gradients, y_pred, loss, updates = self._forward_backward(
-            values, x, y, sample_weight
+        commit_values, values = self._read_variables(x, y, sample_weight, after=[v_read])
+        gradients, y_pred, loss, updates, row_reads = self._forward_backward(
+            values, x, y, sample_weight, after=[v_read]
         )
+        commit_values = self._with_rows(commit_values, row_reads)
 
         # Only "raise" names the worker (a per-call value sent to the PS).
         worker = self._worker_index()
@@ -394,8 +456,9 @@ class TrainStep:
             tau_read = counters.version.read_value() - v_read
 
         def fresh():
-            fresh_commit_values, fresh_values = self._read_variables()
-            g, p, l, u = self._forward_backward(fresh_values, x, y, sw)
+            fresh_commit_values, fresh_values = self._read_variables(x, y, sw)
+            g, p, l, u, row_reads = self._forward_backward(fresh_values, x, y, sw)
+            fresh_commit_values = self._with_rows(fresh_commit_values, row_reads)
             return g, fresh_commit_values, p, l, u, tf.constant(0, tf.int64)
 
         def stale():

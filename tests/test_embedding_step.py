@@ -1,0 +1,278 @@
+"""The row-sparse async PS step: embedding tables travel and update as rows.
+
+The no-cluster tests trace and run ``TrainStep.replica_fn`` under the default
+strategy (the step is the same graph; its "PS" is the local device): the
+snapshot of a table is the rows its batch looks up, the result equals Keras'
+own fit, and tables used otherwise fall back to a whole snapshot. The cluster
+tests (slow, fresh processes) check the same on a real parameter-server
+cluster, with 2 workers (τ and iterations exact) and with a table split over
+2 parameter servers (fit, save/load, checkpoints, evaluate/predict).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_async import _keras_fit, _rows, staleness
+
+ROWS, DIM, IDS_PER_EXAMPLE = 60, 4, 8
+
+
+def _ids(n=32, seed=0, high=40):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, high, size=(n, IDS_PER_EXAMPLE)).astype("int32")
+    x[:, 1] = x[:, 0]  # repeated ids inside an example and across the batch
+    y = rng.normal(size=(n, 1)).astype("float32")
+    return x, y
+
+
+def _pooled_model(rows=ROWS, name="table"):
+    inputs = keras.Input((IDS_PER_EXAMPLE,), dtype="int32")
+    h = keras.layers.Embedding(rows, DIM, name=name)(inputs)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(inputs, keras.layers.Dense(1)(h))
+
+
+def _shared_table_model():
+    """One table looked up by two calls (e.g. user and item ids in one vocab)."""
+    a = keras.Input((IDS_PER_EXAMPLE,), dtype="int32")
+    table = keras.layers.Embedding(ROWS, DIM, name="shared")
+    h = keras.layers.Concatenate()([
+        keras.layers.GlobalAveragePooling1D()(table(a)),
+        keras.layers.GlobalAveragePooling1D()(table(a[:, ::-1] + 3)),
+    ])
+    return keras.Model(a, keras.layers.Dense(1)(h))
+
+
+class _TiedOutput(keras.layers.Layer):
+    """Scores against the whole table (tied weights): the table is read whole."""
+
+    def __init__(self, embedding, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = embedding
+
+    def call(self, h):
+        return keras.ops.sum(keras.ops.matmul(h, keras.ops.transpose(self.embedding.embeddings)),
+                             axis=-1, keepdims=True)
+
+
+def _tied_model():
+    inputs = keras.Input((IDS_PER_EXAMPLE,), dtype="int32")
+    embedding = keras.layers.Embedding(ROWS, DIM, name="tied")
+    h = keras.layers.GlobalAveragePooling1D()(embedding(inputs))
+    return keras.Model(inputs, _TiedOutput(embedding)(h))
+
+
+def _regularized_model():
+    inputs = keras.Input((IDS_PER_EXAMPLE,), dtype="int32")
+    h = keras.layers.Embedding(ROWS, DIM, embeddings_regularizer=keras.regularizers.L2(0.1),
+                               name="regularized")(inputs)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(inputs, keras.layers.Dense(1)(h))
+
+
+def _two_table_model():
+    inputs = keras.Input((2, IDS_PER_EXAMPLE), dtype="int32")
+    users = keras.layers.Embedding(ROWS, DIM, name="users")(inputs[:, 0])
+    items = keras.layers.Embedding(ROWS + 5, DIM, name="items")(inputs[:, 1])
+    h = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling1D()(users),
+                                    keras.layers.GlobalAveragePooling1D()(items)])
+    h = keras.layers.Dense(8, activation="relu")(h)
+    return keras.Model(inputs, keras.layers.Dense(1)(h))
+
+
+class _Local:
+    """``TrainStep.replica_fn`` traced and run under the default strategy."""
+
+    def __init__(self, model, max_staleness=None):
+        from tf_async.strategies._ps_train_step import PSCounters, TrainStep
+
+        _keras_fit.install_atomic_assign_add()
+        model.optimizer.build(model.trainable_variables)
+        self.counters = PSCounters(tf.distribute.get_strategy())
+        self.step = TrainStep(model, self.counters, max_staleness=max_staleness)
+        self.function = tf.function(
+            lambda i, x, y: self.step.replica_fn(i, (x, y)))
+        self.calls = 0
+
+    def run(self, x, y):
+        self.function(tf.constant(self.calls, tf.int64), tf.constant(x), tf.constant(y))
+        self.calls += 1
+
+    def graph(self, x, y):
+        return self.function.get_concrete_function(
+            tf.constant(0, tf.int64), tf.constant(x), tf.constant(y)).graph
+
+
+def _fit_both(make_model, x, y, steps=4, max_staleness=None, optimizer=lambda: keras.optimizers.SGD(0.5)):
+    keras.utils.set_random_seed(0)
+    reference = make_model()
+    initial = reference.get_weights()
+    reference.compile(optimizer=optimizer(), loss="mse")
+    reference.fit(x, y, batch_size=len(x), epochs=steps, shuffle=False, verbose=0)
+    model = make_model()
+    model.set_weights(initial)
+    model.compile(optimizer=optimizer(), loss="mse")
+    local = _Local(model, max_staleness)
+    for _ in range(steps):
+        local.run(x, y)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(initial, reference.get_weights()))
+    diff = max(float(np.abs(a - b).max())
+               for a, b in zip(model.get_weights(), reference.get_weights()))
+    return local, model, diff, moved
+
+
+def _table_reads(graph, variable):
+    """(op type, output shape) of every op of ``graph`` taking ``variable``'s
+    handle (the step's snapshot reads; the commit's cond only passes it on)."""
+    handles = {id(v.handle) for v in _rows.shards(variable)}
+    placeholders = {id(internal) for external, internal in graph.captures
+                    if id(external) in handles}
+    return [(op.type, tuple(op.outputs[0].shape) if op.outputs else ())
+            for op in graph.get_operations()
+            if any(id(t) in placeholders for t in op.inputs)]
+
+
+# ----------------------------------------------------------------- no cluster
+
+
+@pytest.mark.parametrize("make_model", [_pooled_model, _shared_table_model, _two_table_model],
+                         ids=["one_table", "shared_table", "two_tables"])
+def test_row_sparse_step_equals_keras_fit(make_model):
+    """SGD without momentum: the rows-only step (unique ids, IndexedSlices
+    gradient, row-sparse update) is Keras' own dense-lookup fit to 1e-6."""
+    x, y = _ids()
+    if make_model is _two_table_model:
+        x = np.stack([x, _ids(seed=1, high=ROWS + 5)[0]], axis=1)
+    local, model, diff, moved = _fit_both(make_model, x, y)
+    assert moved > 1e-3
+    assert diff < 1e-6, diff
+    tables = {v.path for t in local.step._row_tables.values() for v in t.values()}
+    assert tables == {v.path for v in model.trainable_variables if "embeddings" in v.path}
+    assert int(model.optimizer.iterations.numpy()) == int(local.counters.version.numpy()) == 4
+
+
+def test_bounded_staleness_path_reads_rows_too():
+    """``max_staleness=0`` (the SSP commit, its τ > k recompute branch traced)."""
+    x, y = _ids()
+    local, model, diff, _ = _fit_both(_pooled_model, x, y, max_staleness=0)
+    assert diff < 1e-6, diff
+    assert local.step._row_tables
+
+
+def test_the_worker_reads_only_the_rows_of_the_batch():
+    """The snapshot of a table is its looked-up rows: no op reads the whole
+    table (on main the step read every trainable variable in full)."""
+    x, y = _ids()
+    keras.utils.set_random_seed(0)
+    model = _pooled_model(rows=100_000)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    local = _Local(model)
+    table = model.get_layer("table").embeddings
+    reads = _table_reads(local.graph(x, y), table)
+    assert ("ResourceGather", (None, DIM)) in reads, reads
+    assert not [r for r in reads if r[0] == "ReadVariableOp"], reads
+    # The dense layer is still snapshotted whole, once.
+    kernel = model.layers[-1].kernel
+    assert ("ReadVariableOp", (DIM, 1)) in _table_reads(local.graph(x, y), kernel)
+
+
+@pytest.mark.parametrize("make_model", [_tied_model, _regularized_model],
+                         ids=["tied_weights", "embeddings_regularizer"])
+def test_a_table_also_read_whole_keeps_a_whole_snapshot(make_model):
+    """A table the forward pass or loss uses beyond ``Embedding.call`` is
+    snapshotted whole, so its gradient stays exact (equal to Keras)."""
+    x, y = _ids()
+    local, model, diff, moved = _fit_both(make_model, x, y)
+    assert moved > 1e-3
+    assert diff < 1e-6, diff
+    assert not any(local.step._row_tables.values())
+
+
+class _RowReadProbe(keras.optimizers.SGD):
+    """Records, per variable, whether the step published its rows read and
+    whether the published rows are those of the gradient."""
+
+    def build(self, variables):
+        super().build(variables)
+        self.row_reads = self.add_variable((), dtype="int64", name="row_reads")
+        self.mismatch = self.add_variable((), dtype="float32", name="mismatch")
+
+    def update_step(self, gradient, variable, learning_rate):
+        if staleness.is_row_read(variable):
+            read = staleness.read_value(variable)
+            assert isinstance(gradient, tf.IndexedSlices)
+            self.row_reads.assign_add(1)
+            same_ids = tf.reduce_all(tf.equal(read.indices, tf.cast(gradient.indices, read.indices.dtype)))
+            unique = tf.equal(tf.size(tf.unique(read.indices)[0]), tf.size(read.indices))
+            current = tf.gather(tf.convert_to_tensor(variable), read.indices)
+            self.mismatch.assign_add(
+                tf.cast(tf.logical_not(tf.logical_and(same_ids, unique)), tf.float32)
+                + tf.reduce_max(tf.abs(current - read.values)))
+        super().update_step(gradient, variable, learning_rate)
+
+
+def test_step_publishes_the_rows_read_with_unique_ids():
+    x, y = _ids()
+    keras.utils.set_random_seed(0)
+    model = _shared_table_model()
+    model.compile(optimizer=_RowReadProbe(0.1), loss="mse")
+    local = _Local(model)
+    for _ in range(3):
+        local.run(x, y)
+    assert int(model.optimizer.row_reads.numpy()) == 3
+    assert float(model.optimizer.mismatch.numpy()) == 0.0  # τ = 0: read = current rows
+
+
+def test_ids_out_of_range_raise_naming_the_layer():
+    x, y = _ids()
+    keras.utils.set_random_seed(0)
+    model = _pooled_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    local = _Local(model)
+    bad = x.copy()
+    bad[3, 2] = ROWS + 7
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        local.run(bad, y)
+    error = _rows.ids_error_from(info.value)
+    assert isinstance(error, ValueError)
+    assert "Embedding layer `table`" in str(error)
+    assert f"input_dim={ROWS}" in str(error)
+    assert f"to {ROWS + 7}" in str(error)
+    # Negative ids count from the end, as in Keras; below -input_dim is an error.
+    negative = x.copy()
+    negative[0, 0] = -1
+    local.run(negative, y)
+    negative[0, 0] = -ROWS - 1
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Embedding layer `table`"):
+        local.run(negative, y)
+    assert _rows.ids_error_from(RuntimeError("unrelated")) is None
+
+
+def test_negative_ids_mean_what_they_mean_in_keras():
+    x, y = _ids()
+    x[:, 3] = -x[:, 3] - 1
+    _, _, diff, moved = _fit_both(_pooled_model, x, y)
+    assert moved > 1e-3 and diff < 1e-6, diff
+
+
+@pytest.mark.parametrize("result, message", [
+    (lambda shape, dtype: [1, 2], "1 along every other axis"),
+    (lambda shape, dtype: [0, 1], ">= 1 parts along axis 0"),
+    (lambda shape, dtype: 2, "one int per axis"),
+    (lambda shape, dtype: [1.5, 1], "returned"),
+])
+def test_a_partitioner_that_cannot_split_raises_naming_the_variable(result, message):
+    checked = _rows.check_partitioner(result)
+    with pytest.raises(ValueError, match="`variable_partitioner` cannot split a variable of shape "
+                                         r"\(1000, 8\)") as info:
+        checked(shape=tf.TensorShape([1000, 8]), dtype=tf.float32)
+    assert message in str(info.value)
+    fixed = tf.distribute.experimental.partitioners.FixedShardsPartitioner(2)
+    assert _rows.check_partitioner(fixed)(shape=tf.TensorShape([1000, 8]), dtype=tf.float32) == [2, 1]
+    with pytest.raises(TypeError, match="`variable_partitioner` must be a callable"):
+        _rows.check_partitioner(3)
+    assert _rows.check_partitioner(None) is None
