@@ -63,10 +63,11 @@ def _child_fits():
     initial = _model().get_weights()
     expected = {}
     for name, make in optimizers.items():
-        # Stock optimizers: Keras' dense result. Lazy ones sum duplicates
-        # themselves (a dense gradient would make them dense Adam); stock Adam
-        # keeps Keras' own IndexedSlices path.
-        reference = _model(dense_gradient_table=not name.startswith(("lazy", "dcadam", "adam")))
+        # Stock optimizers: Keras' dense result (the row-sparse PS step hands
+        # a table's gradient over with duplicate ids summed, so stock Adam's
+        # dense moments see the dense gradient). Lazy ones sum duplicates
+        # themselves (a dense gradient would make them dense Adam).
+        reference = _model(dense_gradient_table=not name.startswith(("lazy", "dcadam")))
         reference.set_weights(initial)
         reference.compile(optimizer=make(), loss="mse")
         reference.fit(data, epochs=1, steps_per_epoch=STEPS, verbose=0)
