@@ -265,9 +265,6 @@ def _chief(args, work: str, phase: str) -> None:
                          args.seed + (phase == "resume"))
     ps_killed_at = []
 
-    def counters():
-        return strategy._fit_states[id(model)][2].counters  # the PS's own counters
-
     class Ledger(keras.callbacks.Callback):
         """Per epoch, after the epoch's join: what the PS counted."""
 
@@ -299,12 +296,10 @@ def _chief(args, work: str, phase: str) -> None:
 
         def on_epoch_end(self, epoch, logs=None):
             first = (epoch - self.first_epoch) * args.steps  # this fit's step ids
-            done = counters().done.numpy()
-            ids = np.arange(first, first + args.steps)
             _record(work, "LEDGER", {
                 "phase": phase, "epoch": epoch, "planned": args.steps,
                 "at_seconds": round(time.monotonic() - T0, 1),
-                "done": int(np.sum(done[ids % done.size] == ids + 1)),
+                "done": int(np.sum(strategy.steps_applied(first, args.steps, model))),
                 "applied": strategy.global_version - self.version,
                 "skipped": int(logs["nonfinite_skipped"]),
                 "nonfinite_applied":

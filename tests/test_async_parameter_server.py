@@ -173,6 +173,7 @@ def _child_core_fit():
     results["loss"] = h["loss"]
     results["iterations_after_200"] = int(model.optimizer.iterations.numpy())
     results["version_after_200"] = strategy.global_version
+    results["ledger_applied_of_200"] = int(strategy.steps_applied(0, 200).sum())
     results["tau_sum_history"] = sum(round(m * 100) for m in h["staleness_mean"])
     results["staleness_max"] = h["staleness_max"]
     results["tau_seen"] = int(model.optimizer.tau_seen.numpy())
@@ -257,6 +258,10 @@ def _child_core_fit():
         outside.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
     capture("outside_scope", lambda: outside.fit(dataset, epochs=1, steps_per_epoch=2,
                                                  verbose=0))
+    capture("ledger_count", lambda: strategy.steps_applied(0, 1 << 17, model))
+    capture("ledger_first", lambda: strategy.steps_applied(-1, 2, model))
+    capture("ledger_unscheduled", lambda: strategy.steps_applied(0, 10**4, model))
+    capture("ledger_model", lambda: strategy.steps_applied(0, 1, outside))
     results["errors"] = errors
     return results
 
@@ -270,6 +275,7 @@ def test_fit_evaluate_predict_exact_counting_and_staleness(fresh_process):
     # Exact step accounting with 3 concurrent workers.
     assert r["iterations_after_200"] == 200
     assert r["version_after_200"] == 200
+    assert r["ledger_applied_of_200"] == 200  # the PS's exactly-once ledger
     # τ reached the optimizer through the StepContext, consistent with History.
     assert r["read_mismatch"] == 0
     assert r["tau_seen"] == round(r["tau_sum_history"])
@@ -294,6 +300,10 @@ def test_fit_evaluate_predict_exact_counting_and_staleness(fresh_process):
     assert "`steps_per_epoch` is required" in errors["fn_no_steps"]
     assert "cannot be sent to the parameter-server workers" in errors["generator"]
     assert "not created under this AsyncParameterServerStrategy" in errors["outside_scope"]
+    assert "`count` must be <= 65536" in errors["ledger_count"]
+    assert "`first` must be an int >= 0" in errors["ledger_first"]
+    assert "outside the ledger" in errors["ledger_unscheduled"]
+    assert "has not been fitted under this strategy" in errors["ledger_model"]
 
 
 # --------------------------------------------------- bounded staleness

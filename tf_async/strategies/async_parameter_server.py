@@ -166,6 +166,47 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         state = self._fit_states[id(self._last_fit_model)][2]
         return int(state.counters.version.numpy())
 
+    def steps_applied(self, first: int, count: int, model=None):
+        """The parameter servers' exactly-once ledger, for audits.
+
+        Returns a NumPy bool array: element ``j`` says whether the step with id
+        ``first + j`` was applied (or skipped as non-finite) exactly once.
+        Step ids number the steps scheduled for ``model`` (default: the last
+        fitted model) from 0, across its fits since it was compiled; the
+        ledger keeps the most recent 65 536 ids.
+        """
+        import numpy as np
+
+        from tf_async.strategies._ps_train_step import DONE_RING_SIZE
+
+        for name, value in (("first", first), ("count", count)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"`{name}` must be an int >= 0. Received: {name}={value!r}")
+        if count > DONE_RING_SIZE:
+            raise ValueError(
+                f"`count` must be <= {DONE_RING_SIZE} (the ledger's size). "
+                f"Received: count={count}"
+            )
+        model = model if model is not None else self._last_fit_model
+        entry = self._fit_states.get(id(model)) if model is not None else None
+        if entry is None or entry[0] is not model:
+            raise ValueError(
+                "`model` has not been fitted under this strategy since it was "
+                "compiled: there is no ledger to read."
+            )
+        state = entry[2]
+        scheduled = state.step_ids.next_id
+        if first + count > scheduled or first < scheduled - DONE_RING_SIZE:
+            raise ValueError(
+                f"Steps {first}..{first + count - 1} are outside the ledger: ids "
+                f"{max(0, scheduled - DONE_RING_SIZE)}..{scheduled - 1} were scheduled "
+                "and are kept."
+            )
+        self._coordinator.join()
+        done = state.counters.done.numpy()
+        ids = np.arange(first, first + count, dtype=np.int64)
+        return done[ids % DONE_RING_SIZE] == ids + 1
+
     def _fit_state(self, model) -> "_ps_fit_loop.FitState":
         # Every ``compile`` makes a new loss tracker: a recompiled model (new
         # optimizer, loss or metrics) gets newly traced steps.
