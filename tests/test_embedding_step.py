@@ -276,3 +276,80 @@ def test_a_partitioner_that_cannot_split_raises_naming_the_variable(result, mess
     with pytest.raises(TypeError, match="`variable_partitioner` must be a callable"):
         _rows.check_partitioner(3)
     assert _rows.check_partitioner(None) is None
+
+
+# ------------------------------------------------------------------- cluster
+
+
+def _bad_for_width_3(shape, dtype):
+    """Splits a variable of width 3 along axis 1 (cannot work); others whole."""
+    return [1, 2] if len(shape) == 2 and shape[1] == 3 else [1] * len(shape)
+
+
+def _child_bad_input_and_chief_rows():
+    import tf_async
+
+    results = {}
+    strategy = tf_async.strategies.AsyncParameterServerStrategy(
+        tf_async.local_cluster(workers=1, ps=1), variable_partitioner=_bad_for_width_3)
+    # Installed by the strategy, before any fit traced a step.
+    results["installed"] = bool(getattr(keras.layers.Embedding.__dict__["call"],
+                                        "_tf_async_rows", False))
+    with strategy.scope():
+        try:
+            keras.layers.Embedding(10, 3, name="narrow").build()
+        except ValueError as error:
+            results["partitioner"] = str(error)
+        keras.utils.set_random_seed(0)
+        model = _pooled_model(rows=100_000)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, y = _ids()
+    table = model.get_layer("table").embeddings
+    # The chief (evaluate/predict, a direct call) reads rows, never the table.
+    graph = tf.function(lambda ids: model(ids)).get_concrete_function(
+        tf.TensorSpec((None, IDS_PER_EXAMPLE), tf.int32)).graph
+    results["chief_reads"] = _table_reads(graph, table)
+    bad = x.copy()
+    bad[3, 2] = 100_000 + 7
+    calls = {
+        "fit": lambda: model.fit(bad, y, batch_size=32, epochs=1, verbose=0),
+        "evaluate": lambda: model.evaluate(bad, y, batch_size=32, verbose=0),
+        "predict": lambda: model.predict(bad, batch_size=32, verbose=0),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            results[name] = "no error"
+        except ValueError as error:
+            results[name] = str(error)
+        except Exception as error:  # noqa: BLE001 - the test reports it
+            results[name] = f"{type(error).__name__}: {str(error)[:1500]}"
+    # Good ids still work afterwards.
+    history = model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    results["fit_after"] = history.history["loss"]
+    results["iterations"] = int(model.optimizer.iterations.numpy())
+    return results
+
+
+@pytest.mark.slow
+def test_strategy_checks_partitioner_and_ids_and_chief_reads_rows(fresh_process):
+    r = fresh_process(_child_bad_input_and_chief_rows, timeout=300)
+    assert r["installed"]
+    assert "`variable_partitioner` cannot split a variable of shape (10, 3)" in r["partitioner"]
+    assert ("ResourceGather", (None, IDS_PER_EXAMPLE, DIM)) in r["chief_reads"], r["chief_reads"]
+    assert not [op for op in r["chief_reads"] if op[0] == "ReadVariableOp"], r["chief_reads"]
+    for name in ("fit", "evaluate", "predict"):
+        assert r[name].startswith("Embedding layer `table` got ids outside "
+                                  "[0, input_dim=100000)"), (name, r[name])
+        assert r[name].endswith("this batch has ids from 0 to 100007."), (name, r[name])
+    assert np.isfinite(r["fit_after"]).all()
+    assert r["iterations"] == 1
+
+
+def test_a_partitioner_that_is_not_callable_raises_before_connecting():
+    import tf_async
+
+    spec = tf.train.ClusterSpec({"worker": ["localhost:1"], "ps": ["localhost:2"]})
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(spec, rpc_layer="grpc")
+    with pytest.raises(TypeError, match="`variable_partitioner` must be a callable"):
+        tf_async.strategies.AsyncParameterServerStrategy(resolver, variable_partitioner=2)
