@@ -353,3 +353,62 @@ def test_a_partitioner_that_is_not_callable_raises_before_connecting():
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(spec, rpc_layer="grpc")
     with pytest.raises(TypeError, match="`variable_partitioner` must be a callable"):
         tf_async.strategies.AsyncParameterServerStrategy(resolver, variable_partitioner=2)
+
+
+def _child_two_workers_exact(k, steps_per_epoch=60, epochs=2):
+    import tf_async
+    from tests.test_async_parameter_server import TauRecordingSGD
+
+    class RowTauSGD(TauRecordingSGD):
+        """Also counts the table updates that came as rows (IndexedSlices
+        gradient with its rows read published)."""
+
+        def build(self, variables):
+            super().build(variables)
+            self.row_updates = self.add_variable((), dtype="int64", name="row_updates")
+
+        def update_step(self, gradient, variable, learning_rate):
+            if isinstance(gradient, tf.IndexedSlices) and staleness.is_row_read(variable):
+                self.row_updates.assign_add(1)
+            super().update_step(gradient, variable, learning_rate)
+
+    strategy = tf_async.strategies.AsyncParameterServerStrategy(
+        tf_async.local_cluster(workers=2, ps=1), max_staleness=k)
+    x, y = _ids(n=256, high=1000)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(256, seed=0).batch(32).repeat()
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = _pooled_model(rows=1000)
+        model.compile(optimizer=RowTauSGD(0.1), loss="mse")
+    history = model.fit(data, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0)
+    h = history.history
+    optimizer = model.optimizer
+    return {
+        "first_variable": model.trainable_variables[0].path,
+        "iterations": int(optimizer.iterations.numpy()),
+        "version": strategy.global_version,
+        "row_updates": int(optimizer.row_updates.numpy()),
+        "tau_seen": int(optimizer.tau_seen.numpy()),
+        "read_mismatch": int(optimizer.read_mismatch.numpy()),
+        "tau_sum_history": sum(round(m * steps_per_epoch) for m in h["staleness_mean"]),
+        "staleness_max": h["staleness_max"],
+        "loss": h["loss"],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [None, 1], ids=["async", "ssp_k1"])
+def test_two_workers_row_sparse_step_counts_tau_and_iterations_exactly(fresh_process, k):
+    """2 workers under the row-sparse step: every step applied once
+    (iterations == version == steps), each table update came as rows, the τ
+    the optimizer saw sums to History's staleness stats, and SSP keeps τ ≤ k."""
+    r = fresh_process(_child_two_workers_exact, k, timeout=400)
+    steps = 120
+    assert r["first_variable"] == "table/embeddings"  # τ recorded at the table's update
+    assert r["iterations"] == steps and r["version"] == steps
+    assert r["row_updates"] == steps
+    assert r["read_mismatch"] == 0
+    assert r["tau_seen"] == r["tau_sum_history"]
+    if k is not None:
+        assert max(r["staleness_max"]) <= k
+    assert np.isfinite(r["loss"]).all()
