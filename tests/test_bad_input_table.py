@@ -15,7 +15,15 @@ import tensorflow as tf
 
 import tf_async
 from tf_async import cluster, launch
-from tf_async.keras_optimizers import DCAdam, DCSGD, ShardedAdam, StalenessScaled
+from tf_async.keras_optimizers import (
+    DCAdam,
+    DCSGD,
+    LazyAdam,
+    LazyAdamW,
+    LazySGD,
+    ShardedAdam,
+    StalenessScaled,
+)
 from tf_async.strategies import (
     AsyncParameterServerStrategy,
     LocalUpdateStrategy,
@@ -67,6 +75,7 @@ def _namespace():
         "LocalUpdateStrategy": LocalUpdateStrategy,
         "DCSGD": DCSGD, "DCAdam": DCAdam, "StalenessScaled": StalenessScaled,
         "ShardedAdam": ShardedAdam,
+        "LazyAdam": LazyAdam, "LazyAdamW": LazyAdamW, "LazySGD": LazySGD,
         "resolver": resolver_of({"worker": ["localhost:1"], "ps": ["localhost:2"]}),
         "no_ps": resolver_of({"worker": ["localhost:1"]}),
         "mirrored": tf.distribute.MirroredStrategy(["/cpu:0"]),
@@ -80,7 +89,7 @@ def test_table_has_at_least_30_numbered_rows_across_every_area():
     calls = " ".join(call for _, call, _, _ in ROWS)
     for area in ("AsyncParameterServerStrategy", "SimulatedAsyncStrategy",
                  "LocalUpdateStrategy", "DCSGD", "DCAdam", "StalenessScaled",
-                 "ShardedAdam", "local_cluster", "parse_tf_config", "launch_cli"):
+                 "ShardedAdam", "LazyAdam", "LazySGD", "variable_partitioner", "local_cluster", "parse_tf_config", "launch_cli"):
         assert area in calls, area
 
 

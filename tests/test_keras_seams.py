@@ -306,3 +306,133 @@ def test_aps_installed_seams_keep_keras_semantics(fresh_process):
     assert r["shape_error"]  # a shape mismatch still raises
     assert np.isfinite(r["plain_fit_loss"])  # no strategy hook: Keras' own fit
     assert r["dispatched"]
+
+
+# ---- embedding tables seams (Keras 3.15) ----
+# tf_async/_rows.py, strategies/_table_rows.py, keras_optimizers/row_sparse.py
+# and lazy.py (tf_async/_keras_fit.py, "embedding tables seams").
+
+
+def _built_embedding(rows=6, dim=2):
+    layer = keras.layers.Embedding(rows, dim)
+    layer.build()
+    layer.embeddings.assign(np.arange(rows * dim, dtype=np.float32).reshape(rows, dim))
+    return layer
+
+
+def test_embedding_call_is_take_of_the_table_cast_to_compute_dtype():
+    import inspect
+
+    _keras_fit.install_embedding_lookup()
+    _keras_fit.install_embedding_lookup()  # idempotent
+    wrapped = vars(keras.layers.Embedding)["call"]
+    assert wrapped._tf_async_rows
+    original = wrapped.__wrapped__
+    assert original is _keras_fit._ORIGINAL_EMBEDDING_CALL
+    assert list(inspect.signature(original).parameters) == ["self", "inputs"]
+    source = inspect.getsource(original)
+    assert 'ops.cast(inputs, "int32")' in source  # ids not int32/int64
+    assert "ops.take(self.embeddings, inputs, axis=0)" in source
+    assert "ops.cast(outputs, dtype=self.compute_dtype)" in source
+    # Negative ids count from the end (what _rows.checked_ids reproduces).
+    layer = _built_embedding()
+    table = layer.embeddings.numpy()
+    ids = np.array([[0, -1], [5, -6]], np.int32)
+    np.testing.assert_array_equal(_keras_fit.keras_embedding_call(layer, ids), table[ids])
+    np.testing.assert_array_equal(_keras_fit.keras_embedding_call(layer, ids.astype("float32")),
+                                  table[ids])
+
+
+def test_embedding_handler_decides_each_call_and_falls_back_to_keras():
+    layer = _built_embedding()
+    table = layer.embeddings.numpy()
+    ids = np.array([1, 4], np.int32)
+    calls = []
+
+    def handler(lay, inputs):
+        calls.append(lay)
+        return NotImplemented if len(calls) == 1 else tf.zeros((2, 2))
+
+    with _keras_fit.embedding_lookup(handler):
+        np.testing.assert_array_equal(layer(ids), table[ids])  # NotImplemented: Keras
+        np.testing.assert_array_equal(layer(ids), np.zeros((2, 2)))
+    assert calls == [layer, layer]
+    # No handler active: the default one (remote tables only) leaves a local table to Keras.
+    np.testing.assert_array_equal(layer(ids), table[ids])
+    assert _keras_fit.default_embedding_handler is not None  # set by tf_async._rows
+
+
+def test_plain_embedding_table_is_the_variable_only_without_lora_or_quantization():
+    layer = _built_embedding()
+    assert layer.lora_enabled is False and layer.quantization_mode is None
+    assert _keras_fit.plain_embedding_table(layer) is layer._embeddings
+    lora = _built_embedding()
+    lora.enable_lora(1)
+    assert lora.lora_enabled and _keras_fit.plain_embedding_table(lora) is None
+    quantized = _built_embedding()
+    quantized.quantize("int8")
+    assert quantized.quantization_mode == "int8"
+    assert _keras_fit.plain_embedding_table(quantized) is None
+
+
+def test_variable_read_scope_sees_every_read_and_stateless_value_maps():
+    v = keras.Variable(np.ones(3, np.float32))
+    w = keras.Variable(np.zeros(3, np.float32))
+    reads = []
+    with _keras_fit.VariableReadScope([(v, tf.fill([3], 2.0))], on_read=reads.append):
+        assert float(keras.ops.sum(v)) == 6.0  # the mapped value
+        keras.ops.add(w, 1.0)
+        assert _keras_fit.stateless_value(v) is not None
+        assert _keras_fit.stateless_value(w) is None
+        _ = v.value
+    read_ids = [id(r) for r in reads]
+    assert read_ids[0] == id(v) and id(w) in read_ids and read_ids.count(id(v)) >= 2
+    assert _keras_fit.stateless_value(v) is None  # no scope
+
+
+def test_apply_hands_indexed_slices_to_the_instance_update_step():
+    """row_sparse.updates replaces ``update_step`` on the instance; Keras'
+    apply calls it per variable with the IndexedSlices gradient as given."""
+    for optimizer in (keras.optimizers.SGD(0.1), keras.optimizers.Adagrad(0.1),
+                      keras.optimizers.Adam(0.1)):
+        table = keras.Variable(np.ones((5, 2), np.float32))
+        optimizer.build([table])
+        seen = []
+        vars(optimizer)["update_step"] = (
+            lambda gradient, variable, learning_rate: seen.append((gradient, variable)))
+        gradient = tf.IndexedSlices(tf.ones((2, 2)), tf.constant([0, 3]), tf.constant([5, 2]))
+        optimizer.apply([gradient], [table])
+        assert len(seen) == 1 and isinstance(seen[0][0], tf.IndexedSlices), optimizer
+        # The backing tf.Variable (distribution.extended.update), which
+        # _get_variable_index maps back to the slots.
+        assert seen[0][1] is _keras_fit.raw_variable(table)
+        assert optimizer._get_variable_index(seen[0][1]) == 0
+        vars(optimizer).pop("update_step")
+        assert type(optimizer).update_step is type(optimizer).__dict__["update_step"]
+
+
+def test_optimizer_slot_lists_indexed_by_variable():
+    """lazy.py / row_sparse.py read Keras' slot lists by ``_get_variable_index``."""
+    a = keras.Variable(np.ones((4, 2), np.float32))
+    b = keras.Variable(np.ones((3,), np.float32))
+    adam = keras.optimizers.Adam(amsgrad=True)
+    adagrad = keras.optimizers.Adagrad()
+    sgd = keras.optimizers.SGD(momentum=0.9)
+    for optimizer in (adam, adagrad, sgd):
+        optimizer.build([a, b])
+        assert optimizer._get_variable_index(b) == 1
+        assert callable(optimizer._apply_weight_decay)
+    for slots in (adam._momentums, adam._velocities, adam._velocity_hats,
+                  adagrad._accumulators, sgd.momentums):
+        assert [tuple(s.shape) for s in slots] == [(4, 2), (3,)]
+    assert float(adagrad._accumulators[1].numpy()[0]) == np.float32(adagrad.initial_accumulator_value)
+
+
+def test_sharded_variable_exposes_its_shards():
+    from tensorflow.python.distribute import sharded_variable
+
+    shards = [tf.Variable(np.zeros((2, 2), np.float32)), tf.Variable(np.ones((1, 2), np.float32))]
+    table = sharded_variable.ShardedVariable(shards)
+    assert _keras_fit.variable_shards(table) == shards
+    assert _keras_fit.variable_shards(tf.Variable(1.0)) is None
+    np.testing.assert_array_equal(tf.nn.embedding_lookup(table, [2, 0]), [[1, 1], [0, 0]])

@@ -591,6 +591,15 @@ def outside_strategy_scopes():
 #   variable's value with ``scope.get_current_value(variable)`` (keras/src/
 #   backend/common/variables.py): every read of a Keras variable inside the
 #   scope goes through that call. ``VariableReadScope`` reports those reads.
+# * Row-sparse optimizer updates (keras_optimizers/row_sparse.py, lazy.py):
+#   ``TFOptimizer.apply`` calls ``self.update_step(gradient, variable, lr)``
+#   per variable with an ``IndexedSlices`` gradient as given and the backing
+#   ``tf.Variable`` (so an instance attribute ``update_step`` takes over);
+#   Keras' slot lists ``Adam._momentums/_velocities/_velocity_hats``,
+#   ``Adagrad._accumulators`` and ``SGD.momentums`` are indexed by
+#   ``optimizer._get_variable_index(variable)``.
+# * ``ShardedVariable.variables`` (TF) are the shards (``variable_shards``);
+#   ``tf.nn.embedding_lookup`` dispatches per shard on it.
 
 import contextlib as _contextlib
 import functools as _functools

@@ -22,7 +22,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from tf_async import _keras_fit
+from tf_async import _keras_fit, _rows
 from tf_async.staleness import check_max_staleness
 from tf_async.strategies import _nonfinite, _ps_fit_loop
 
@@ -82,7 +82,8 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         the current weights; none is dropped). ``0`` is sequential SGD.
       variable_partitioner: as in ``ParameterServerStrategy``, shards large
         variables (and their optimizer slots) across ps tasks, e.g.
-        ``tf.distribute.experimental.partitioners.MinSizePartitioner``.
+        ``tf.distribute.experimental.partitioners.MinSizePartitioner``. An
+        embedding table split this way is looked up and updated per shard.
       log_every_steps: refresh the logs callbacks see every this many steps
         (default: every 2 seconds); epoch-end logs are always exact.
       on_nonfinite: a step whose gradients, loss or non-trainable updates hold
@@ -98,9 +99,17 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
     Keras). Limits: one replica (device) per worker; ``evaluate``/``predict``
     run on the coordinator, reading the variables from the parameter servers.
 
+    ``keras.layers.Embedding`` tables on the parameter servers are read as the
+    rows a batch looks up, where they live (in the train step and in
+    ``evaluate``/``predict``); ids outside ``[-input_dim, input_dim)`` stop
+    ``fit``/``evaluate``/``predict`` with a ``ValueError`` naming the layer.
+
     Raises:
       ValueError: ``max_staleness < 0``; a cluster without ps or workers;
-        ``on_nonfinite`` not ``"skip"``/``"raise"``.
+        ``on_nonfinite`` not ``"skip"``/``"raise"``; (when a variable is
+        created) a ``variable_partitioner`` result that does not split axis 0
+        only.
+      TypeError: ``variable_partitioner`` not callable.
     """
 
     def __init__(
@@ -122,6 +131,7 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
                 f"`log_every_steps` must be None or an int >= 1, got {log_every_steps!r}."
             )
         self._log_every_steps = log_every_steps
+        variable_partitioner = _rows.check_partitioner(variable_partitioner)
         self._num_workers = _check_cluster(cluster_resolver)
         super().__init__(cluster_resolver, variable_partitioner=variable_partitioner)
         self._coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(
@@ -132,6 +142,9 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         self._last_fit_model = None
         _keras_fit.install_trainer_dispatch()
         _keras_fit.install_atomic_assign_add()
+        # Embedding tables on the PS are read as rows also outside the train
+        # step (evaluate/predict on the chief, a direct model(x)).
+        _keras_fit.install_embedding_lookup()
         if variable_partitioner is not None:
             _keras_fit.allow_sharded_variable_updates(self)
 
@@ -234,16 +247,28 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
             return _ps_fit_loop.run_fit(self, model, *args, **kwargs)
         except tf.errors.InvalidArgumentError as error:
             nonfinite = _nonfinite.from_tf_error(error)  # on_nonfinite="raise"
-            if nonfinite is None:
-                raise
-            raise nonfinite from None
+            if nonfinite is not None:
+                raise nonfinite from None
+            ids = _rows.ids_error_from(error)  # an Embedding's ids out of range
+            if ids is not None:
+                raise ids from None
+            raise
         except tf.errors.UnavailableError as error:
             # The coordinator retries lost workers itself: what reaches fit is
             # a lost parameter server (or the chief's link to the cluster).
             raise tf.errors.UnavailableError(None, None, _cluster_lost_message(error)) from None
 
     def _tf_async_evaluate(self, model, original, *args, **kwargs):
-        return _ps_fit_loop.run_on_chief(self, model, original, *args, **kwargs)
+        return self._on_chief(model, original, *args, **kwargs)
 
     def _tf_async_predict(self, model, original, *args, **kwargs):
-        return _ps_fit_loop.run_on_chief(self, model, original, *args, **kwargs)
+        return self._on_chief(model, original, *args, **kwargs)
+
+    def _on_chief(self, model, original, *args, **kwargs):
+        try:
+            return _ps_fit_loop.run_on_chief(self, model, original, *args, **kwargs)
+        except tf.errors.InvalidArgumentError as error:
+            ids = _rows.ids_error_from(error)  # an Embedding's ids out of range
+            if ids is None:
+                raise
+            raise ids from None
