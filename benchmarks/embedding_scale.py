@@ -136,6 +136,7 @@ def child(args) -> None:
     with strategy.scope():
         model = make_model(keras, args.rows)
         model.compile(optimizer=make_optimizer(), loss="mse")
+    built_rss = cluster_peak_rss()  # after the variables exist, before any step
     model.fit(data, epochs=1, steps_per_epoch=args.warmup, verbose=0)
     rates = []
     for _ in range(args.repeats):
@@ -149,6 +150,9 @@ def child(args) -> None:
         "worker_rss_mb": max(rss.get("worker", [float("nan")])),
         "ps_rss_mb": max(rss.get("ps", [float("nan")])),
         "chief_rss_mb": _peak_rss_mb("self"),
+        "worker_rss_built_mb": max(built_rss.get("worker", [float("nan")])),
+        "ps_rss_built_mb": max(built_rss.get("ps", [float("nan")])),
+        "chief_rss_built_mb": max(built_rss.get("chief", [float("nan")])),
     }
     print(RESULT + json.dumps(result), flush=True)
     os._exit(0)  # the launcher stops the servers; skip TF's slow teardown
@@ -219,13 +223,15 @@ def main() -> None:
             if args.tf_keras_python and not quick_skip:
                 configs.append((args.tf_keras_python, "tf_keras", "adagrad", rows, ps))
     print(f"{'framework':9} {'optimizer':9} {'rows':>9} {'ps':>2} {'steps/s':>8} "
-          f"{'worker_MB':>9} {'ps_MB':>8} {'chief_MB':>8}  all steps/s", flush=True)
+          f"{'worker_MB':>9} {'ps_MB':>8} {'chief_MB':>8} {'chief_MB_built':>14}  all steps/s",
+          flush=True)
     results = []
     for python, framework, optimizer, rows, ps in configs:
         r = run_config(args, python, framework, optimizer, rows, ps)
         results.append(r)
         print(f"{framework:9} {optimizer:9} {rows:9.0e} {ps:2d} {r['steps_per_s']:8.1f} "
-              f"{r['worker_rss_mb']:9.0f} {r['ps_rss_mb']:8.0f} {r['chief_rss_mb']:8.0f}  "
+              f"{r['worker_rss_mb']:9.0f} {r['ps_rss_mb']:8.0f} {r['chief_rss_mb']:8.0f} "
+              f"{r['chief_rss_built_mb']:14.0f}  "
               + " ".join(f"{v:.1f}" for v in r["all_steps_per_s"]), flush=True)
 
     def rate(framework, optimizer, rows, ps):
