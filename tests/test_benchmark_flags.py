@@ -23,6 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("staleness_quality.py", "--seeds", "0", ">= 1"),
     ("chaos.py", "--steps", "0", ">= 1"),
     ("chaos.py", "--down", "-1", ">= 0"),
+    ("embedding_scale.py", "--steps", "0", ">= 1"),
+    ("embedding_scale.py", "--rows", "1e3", ">= 1"),
 ])
 def test_bad_numeric_flag_is_named(script, flag, value, allowed):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
