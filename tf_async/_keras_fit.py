@@ -449,6 +449,20 @@ def per_worker_remote_values(per_worker_value):
     return tuple(per_worker_value._values)
 
 
+def is_distributed_data(x) -> bool:
+    """Whether ``x`` is ``tf.distribute`` distributed data: a distributed
+    dataset/iterator, or ``ClusterCoordinator.create_per_worker_dataset``'s
+    per-worker dataset (``PerWorkerDatasetFromDatasetFunction``) or values."""
+    from tensorflow.python.distribute.coordinator import values as coordinator_values
+
+    return isinstance(x, (
+        tf.distribute.DistributedDataset,
+        tf.distribute.DistributedIterator,
+        coordinator_values.PerWorkerDatasetFromDatasetFunction,
+        coordinator_values.PerWorkerValues,
+    ))
+
+
 def symbolic_build(model, data_batch) -> None:
     """Builds model, compiled metrics/loss and optimizer from a batch structure
     (tensors or ``tf.TensorSpec``s), like Keras' ``fit`` does before training."""

@@ -202,7 +202,9 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
             raise tf.errors.UnavailableError(None, None, _cluster_lost_message(error)) from None
 
     def _tf_async_evaluate(self, model, original, *args, **kwargs):
-        return _ps_fit_loop.run_on_chief(self, model, original, *args, **kwargs)
+        return _ps_fit_loop.run_on_chief(
+            self, model, original, *args, method="evaluate", **kwargs)
 
     def _tf_async_predict(self, model, original, *args, **kwargs):
-        return _ps_fit_loop.run_on_chief(self, model, original, *args, **kwargs)
+        return _ps_fit_loop.run_on_chief(
+            self, model, original, *args, method="predict", **kwargs)
