@@ -209,3 +209,77 @@ def test_chief_side_inputs_jit_slots_eager_distributed_and_frozen(fresh_process)
     assert r["frozen_moved"] > 1e-3 and r["frozen_moving_mean_diff"] < 1e-6
     np.testing.assert_allclose(r["frozen_history"]["loss"], r["frozen_ref_history"]["loss"],
                                rtol=1e-5)
+
+
+# ------------------------------------------- 17.3: every order of calls
+
+
+def _child_orders_of_calls():
+    x, y = _data()
+    keras.utils.set_random_seed(5)
+    initial = _model().get_weights()
+    def compiled():
+        return dict(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+
+    # Keras' own result, before this process joins a cluster.
+    reference = _reference(initial, compiled())
+    reference.fit(x, y, batch_size=16, shuffle=False, epochs=2, verbose=0)
+    expected = reference.get_weights()
+
+    before = [_model() for _ in range(3)]  # built before the strategy exists
+    before[2].compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    early_dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    strategy = _strategy()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    with strategy.scope():
+        before[0].compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    before[1].compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    after_outside = _model()
+    with strategy.scope():
+        after_outside.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    r = {}
+    for name, model in (("before/inside", before[0]), ("before/after", before[1]),
+                        ("before/before", before[2]), ("outside/inside", after_outside)):
+        r[name] = {
+            "fit": _error(lambda: model.fit(ds, verbose=0)),
+            "evaluate": _error(lambda: model.evaluate(ds, verbose=0)),
+            "predict": _error(lambda: model.predict(x, verbose=0)),
+        }
+    # An unrelated plain Keras model made after the strategy trains normally
+    # (and equals Keras' result from before the connection) ...
+    plain = _reference(initial, compiled())
+    r["plain_fit"] = _error(lambda: plain.fit(x, y, batch_size=16, shuffle=False, epochs=2,
+                                              verbose=0))
+    r["plain_diff"] = max(float(np.abs(a - b).max())
+                          for a, b in zip(plain.get_weights(), expected))
+    r["plain_device"] = plain.weights[0].value.device
+    # ... but a dataset from before the connection is refused at the call.
+    r["early_dataset"] = _error(lambda: plain.fit(early_dataset, verbose=0))
+    r["early_dataset_validation"] = _error(lambda: plain.fit(
+        x, y, validation_data=early_dataset, verbose=0))
+    # Built inside the scope and compiled outside it still trains on the cluster.
+    with strategy.scope():
+        inside = _model()
+    inside.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    r["inside/outside"] = _error(lambda: inside.fit(ds.repeat(), steps_per_epoch=3, verbose=0))
+    r["inside_iterations"] = int(inside.optimizer.iterations.numpy())
+    return r
+
+
+@pytest.mark.slow
+def test_model_built_outside_scope_every_order_and_plain_keras_still_trains(fresh_process):
+    r = fresh_process(_child_orders_of_calls, timeout=300)
+    for order in ("before/inside", "before/after", "before/before"):
+        for method, error in r[order].items():
+            assert error.startswith("ValueError"), (order, method, error)
+            assert f"`{method}`: this model's variables were created before " \
+                   "AsyncParameterServerStrategy connected" in error, (order, error)
+            assert "/job:localhost" in error
+    for method, error in r["outside/inside"].items():
+        assert "not created under this AsyncParameterServerStrategy's scope()" in error, error
+    assert r["plain_fit"] == ""
+    assert r["plain_diff"] < 1e-6
+    assert "/job:chief/" in r["plain_device"]
+    for key in ("early_dataset", "early_dataset_validation"):
+        assert "`fit`: this tf.data.Dataset was created before" in r[key], r[key]
+    assert r["inside/outside"] == "" and r["inside_iterations"] == 3

@@ -320,7 +320,7 @@ def run_on_chief(strategy, model, original, *args, method: str = "evaluate", **k
       an XLA cluster cannot read variables living on another task (the
       parameter servers); the step runs as a plain ``tf.function``.
     """
-    strategy.check_model(model)
+    strategy.check_model(model, method)
     args, kwargs = _replace_x(args, kwargs, method)
     strategy.coordinator.join()
     if model.built and model.optimizer is not None and not model.optimizer.built:

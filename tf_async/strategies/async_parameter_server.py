@@ -124,6 +124,7 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         self._log_every_steps = log_every_steps
         self._num_workers = _check_cluster(cluster_resolver)
         super().__init__(cluster_resolver, variable_partitioner=variable_partitioner)
+        _keras_fit.note_cluster_connected("/job:chief")
         self._coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(
             self
         )
@@ -177,9 +178,12 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         self._last_fit_model = model
         return entry[2]
 
-    def check_model(self, model) -> None:
+    def check_model(self, model, method: str = "fit") -> None:
         """ValueError unless ``model`` was created in this strategy's scope."""
         if _keras_fit.model_strategy(model) is not self:
+            if _keras_fit.stranded_on_localhost(model.variables):
+                raise ValueError(_keras_fit.stranded_message(
+                    "this model's variables were", method))
             raise ValueError(
                 "The model was not created under this AsyncParameterServerStrategy's "
                 "scope(): build and compile it inside `with strategy.scope():` so "
