@@ -283,3 +283,91 @@ def test_model_built_outside_scope_every_order_and_plain_keras_still_trains(fres
     for key in ("early_dataset", "early_dataset_validation"):
         assert "`fit`: this tf.data.Dataset was created before" in r[key], r[key]
     assert r["inside/outside"] == "" and r["inside_iterations"] == 3
+
+
+# -------------------------------- 17.6: a short finite dataset, as Keras
+
+
+def _child_short_finite_dataset():
+    x, y = _data(64)
+    keras.utils.set_random_seed(7)
+    initial = _model().get_weights()
+    finite = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)  # 4 batches
+
+    def compile_(model):
+        model.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss="sparse_categorical_crossentropy")
+
+    cases = {  # name: fit arguments
+        "cut_second_epoch": dict(x=finite, epochs=3, steps_per_epoch=3),
+        "longer_than_data": dict(x=finite, epochs=2, steps_per_epoch=6),
+        "arrays": dict(x=x, y=y, batch_size=16, shuffle=False, epochs=3, steps_per_epoch=3),
+        "one_pass_per_epoch": dict(x=finite, epochs=2),
+    }
+
+    def run(model, kwargs):
+        def fit():
+            return model.fit(verbose=0, **kwargs).history
+        history, caught = _warned(fit)
+        return {
+            "iterations": int(model.optimizer.iterations.numpy()),
+            "loss": history["loss"],
+            "ran_out": sum("Your input ran out of data" in w for w in caught),
+            "weights": model.get_weights(),
+        }
+
+    def restart(model):  # one model per side (traced once): initial weights, step 0
+        model.set_weights(initial)
+        model.optimizer.iterations.assign(0)
+        return model
+
+    reference = _model()
+    compile_(reference)
+    expected = {name: run(restart(reference), kwargs) for name, kwargs in cases.items()}
+    strategy = _strategy(workers=1)
+    with strategy.scope():
+        model = _model()
+        compile_(model)
+    r = {}
+    for name, kwargs in cases.items():
+        got = run(restart(model), kwargs)
+        want = expected[name]
+        r[name] = {
+            "iterations": (got["iterations"], want["iterations"]),
+            "ran_out": (got["ran_out"], want["ran_out"]),
+            "loss": (got["loss"], want["loss"]),
+            "diff": max(float(np.abs(a - b).max())
+                        for a, b in zip(got["weights"], want["weights"])),
+        }
+    # A dataset function's finite dataset is repeated by each worker: one warning.
+    with strategy.scope():
+        model = _model()
+        compile_(model)
+    def finite_fn():
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+
+    _, caught = _warned(lambda: model.fit(finite_fn, epochs=2, steps_per_epoch=3, verbose=0))
+    r["fn_warnings"] = [w for w in caught if "finite dataset" in w]
+    r["fn_iterations"] = int(model.optimizer.iterations.numpy())
+    _, caught = _warned(lambda: model.fit(lambda: finite_fn().repeat(), epochs=2,
+                                          steps_per_epoch=3, verbose=0))
+    r["fn_repeated_warnings"] = [w for w in caught if "finite dataset" in w]
+    return r
+
+
+@pytest.mark.slow
+def test_short_finite_dataset_stops_the_epoch_as_keras(fresh_process):
+    r = fresh_process(_child_short_finite_dataset, timeout=300)
+    assert r["cut_second_epoch"]["iterations"] == (7, 7)  # 3 + 1 (ran out) + 3
+    assert r["cut_second_epoch"]["ran_out"] == (1, 1)
+    assert r["longer_than_data"]["iterations"] == (8, 8)  # 4 + 4, warned twice
+    assert r["longer_than_data"]["ran_out"] == (2, 2)
+    assert r["arrays"]["iterations"] == (7, 7)
+    assert r["one_pass_per_epoch"]["iterations"] == (8, 8)
+    assert r["one_pass_per_epoch"]["ran_out"] == (0, 0)
+    for name in ("cut_second_epoch", "longer_than_data", "arrays", "one_pass_per_epoch"):
+        assert r[name]["diff"] < 1e-5, (name, r[name])
+        np.testing.assert_allclose(*r[name]["loss"], rtol=1e-5)
+    assert len(r["fn_warnings"]) == 1 and "each worker repeats" in r["fn_warnings"][0]
+    assert r["fn_iterations"] == 6
+    assert r["fn_repeated_warnings"] == []

@@ -17,6 +17,7 @@ Accepted ``x`` (like tf-keras' parameter-server ``fit``):
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -257,6 +258,44 @@ def steps_and_source(
     if steps_per_epoch is None:
         steps_per_epoch = _cardinality(dataset)
     return steps_per_epoch, dataset.repeat()
+
+
+RAN_OUT_OF_DATA = (
+    "Your input ran out of data; interrupting training. "
+    "Make sure that your dataset or generator can generate "
+    "at least `steps_per_epoch * epochs` batches. "
+    "You may need to use the `.repeat()` "
+    "function when building your dataset."
+)  # Keras' EpochIterator warning, verbatim
+
+
+def batches_per_pass(x, batch_size) -> Optional[int]:
+    """Batches in one pass over a finite dataset or arrays ``x`` (Keras'
+    ``num_batches``); ``None`` for infinite/unknown datasets and dataset
+    functions (their epochs are ``steps_per_epoch`` long, repeated)."""
+    if isinstance(x, tf.data.Dataset):
+        count = cardinality(x)
+        return count if count > 0 else None
+    if callable(x) or x is None:
+        return None
+    first = tf.nest.flatten(x)[0]
+    return -(-int(np.shape(first)[0]) // int(batch_size or 32))
+
+
+def warn_if_fn_runs_short(source, num_workers: int, wanted: int) -> None:
+    """One warning when a dataset function's dataset is finite and shorter than
+    the ``wanted`` batches (workers repeat it, where Keras would run out)."""
+    count = cardinality(call_dataset_fn(source, num_workers, 0))
+    if 0 <= count and count * num_workers < wanted:
+        warnings.warn(
+            f"The dataset function returns a finite dataset ({count} batches for "
+            f"worker 0 of {num_workers}) that cannot supply `steps_per_epoch * "
+            f"epochs` = {wanted} batches: under AsyncParameterServerStrategy each "
+            "worker repeats its dataset (Keras without a strategy would stop: "
+            "'Your input ran out of data'). Add `.repeat()` to the dataset to "
+            "silence this, or lower `steps_per_epoch`.",
+            stacklevel=4,
+        )
 
 
 def per_worker_iterator(strategy, coordinator, source):

@@ -176,6 +176,10 @@ def run_fit(
         x, y, sample_weight, batch_size, steps_per_epoch, shuffle
     )
     source = _ps_data.with_class_weights(unweighted, class_weight)
+    # As Keras' EpochIterator: with `steps_per_epoch` given, a finite dataset
+    # (or arrays) of N batches is consumed across epochs; an epoch that reaches
+    # its end stops early with Keras' warning, and the next starts a new pass.
+    per_pass = _ps_data.batches_per_pass(x, batch_size) if steps_per_epoch else None
     if validation_data is not None:
         val_x, val_y, val_sample_weight = keras.utils.unpack_x_y_sample_weight(
             validation_data
@@ -186,6 +190,9 @@ def run_fit(
         _keras_fit.symbolic_build(model, _ps_data.element_spec(source, strategy.num_workers))
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
+    if steps_per_epoch and callable(x) and not isinstance(x, tf.data.Dataset):
+        _ps_data.warn_if_fn_runs_short(
+            source, strategy.num_workers, steps * max(epochs - initial_epoch, 0))
     if not model.trainable_variables:
         # As Keras' train_step: the steps run (metrics, non-trainable updates).
         warnings.warn("The model does not have any trainable weights.", stacklevel=3)
@@ -219,6 +226,7 @@ def run_fit(
     initial_epoch = _keras_fit.initial_epoch(model, initial_epoch)
     counters.start(int(model.optimizer.iterations.numpy()))
     training_logs = None
+    seen = 0  # batches of the current pass over a finite `x` (per_pass)
     for epoch in range(initial_epoch, epochs):
         model.reset_metrics()
         counters.reset_epoch_stats()
@@ -226,16 +234,17 @@ def run_fit(
         logs: dict = {}
         last_refresh = time.monotonic()
         step = 0
-        while step < steps:
+        epoch_steps = min(steps, per_pass - seen) if per_pass else steps
+        while step < epoch_steps:
             # As in Keras: callbacks see one batch per `steps_per_execution`.
-            count = min(per_call, steps - step)
+            count = min(per_call, epoch_steps - step)
             callbacks.on_train_batch_begin(step)
             coordinator.schedule(
                 state.step_function(count),
                 args=(iterator, *state.step_ids.take(count)),
             )
             done = step + count
-            if done < steps and (
+            if done < epoch_steps and (
                 done // log_every > step // log_every
                 if log_every
                 else time.monotonic() - last_refresh > refresh_seconds
@@ -246,6 +255,12 @@ def run_fit(
             step = done
             if model.stop_training:
                 break
+        if per_pass:
+            if epoch_steps < steps and not model.stop_training:
+                warnings.warn(_ps_data.RAN_OUT_OF_DATA, stacklevel=3)
+            seen += step
+            if seen >= per_pass:
+                seen = 0
         coordinator.join()
         epoch_logs = read_logs()
         if validation_data is not None and _keras_fit.should_eval(
