@@ -67,7 +67,17 @@ def _namespace():
         return tf.distribute.cluster_resolver.SimpleClusterResolver(
             tf.train.ClusterSpec(jobs), rpc_layer="grpc")
 
+    from tf_async.strategies import _ps_data
+
+    dataset = tf.data.Dataset.from_tensor_slices(([[1.0]], [0])).batch(1)
+    one_device = tf.distribute.OneDeviceStrategy("/cpu:0")
+
+    def fit_data(x, steps_per_epoch=None):
+        return _ps_data.steps_and_source(x, None, None, None, steps_per_epoch, True)
+
     return {
+        "fit_data": fit_data, "dataset": dataset,
+        "distributed": one_device.experimental_distribute_dataset(dataset),
         "tf_async": tf_async, "keras": keras, "tf": tf, "cluster": cluster,
         "local_cluster": cluster.local_cluster, "launch_cli": launch_cli,
         "AsyncParameterServerStrategy": AsyncParameterServerStrategy,
@@ -79,7 +89,7 @@ def _namespace():
         "resolver": resolver_of({"worker": ["localhost:1"], "ps": ["localhost:2"]}),
         "no_ps": resolver_of({"worker": ["localhost:1"]}),
         "mirrored": tf.distribute.MirroredStrategy(["/cpu:0"]),
-        "one_device": tf.distribute.OneDeviceStrategy("/cpu:0"),
+        "one_device": one_device,
     }
 
 

@@ -255,6 +255,16 @@ def test_aps_tf_distribute_internals_exist():
     assert hasattr(sharded_variable, "ShardedVariable")
     assert "_values" in values.PerWorkerValues.__init__.__code__.co_names
     assert issubclass(values.PerWorkerDistributedIterator, values.PerWorkerValues)
+    # is_distributed_data: what create_per_worker_dataset returns, and TF's
+    # distributed datasets/iterators.
+    assert isinstance(values.PerWorkerDatasetFromDatasetFunction, type)
+    one_device = tf.distribute.OneDeviceStrategy("/cpu:0")
+    data = tf.data.Dataset.range(2).batch(1)
+    distributed = one_device.experimental_distribute_dataset(data)
+    assert _keras_fit.is_distributed_data(distributed)
+    assert _keras_fit.is_distributed_data(iter(distributed))
+    assert not _keras_fit.is_distributed_data(data)
+    assert not _keras_fit.is_distributed_data(lambda: data)
     extended = parameter_server_strategy_v2.ParameterServerStrategyV2Extended
     assert hasattr(extended, "_update") and hasattr(extended, "colocate_vars_with")
     for op in ("ResourceCountUpTo", "ResourceScatterMax", "ResourceScatterUpdate",

@@ -160,7 +160,9 @@ def _async_ps_fit_child() -> dict:
 @pytest.mark.slow
 def test_sharded_adam_under_async_parameter_server_fit(fresh_process):
     result = fresh_process(_async_ps_fit_child, timeout=300)
-    assert result["iterations"] == 30
+    # 256 samples / 16 = 16 batches per pass, steps_per_epoch=10: as Keras'
+    # fit, epoch 2 runs out of data after 6 steps (10 + 6 + 10).
+    assert result["iterations"] == 26
     assert result["losses"][-1] < result["losses"][0]
     assert result["slot_devices"], "no Adam slots found"
     assert all("/job:ps" in d for d in result["slot_devices"]), result["slot_devices"]

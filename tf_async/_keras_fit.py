@@ -334,6 +334,7 @@ def install_trainer_dispatch() -> None:
                     )
                     hook = getattr(optimizer_strategy, f"_tf_async_{name}", None)
                 if hook is None:
+                    check_not_stranded(self, name, args, kwargs)
                     return original(self, *args, **kwargs)
                 return hook(self, functools.partial(original, self), *args, **kwargs)
 
@@ -342,6 +343,63 @@ def install_trainer_dispatch() -> None:
             return dispatched
 
         setattr(trainer, name, make())
+
+
+# Set by AsyncParameterServerStrategy when it connects this process to a
+# cluster (``tf.config.experimental_connect_to_cluster``): TF then renames this
+# process's devices from ``/job:localhost`` to the chief's job, and cannot undo
+# it. Variables and datasets made before live on devices that no longer exist.
+_LOCAL_JOB = "/job:localhost/"
+_connected = {"job": None}
+
+
+def note_cluster_connected(job: str) -> None:
+    _connected["job"] = job
+
+
+def stranded_on_localhost(values) -> bool:
+    """Whether any of ``values`` (variables, eager datasets) lives on
+    ``/job:localhost`` after this process was connected to a cluster."""
+    if _connected["job"] is None:
+        return False
+    for value in values:
+        device = ""
+        try:
+            if isinstance(value, tf.data.Dataset):
+                device = value._variant_tensor.device
+            else:
+                device = raw_variable(value).device
+        except (AttributeError, RuntimeError, ValueError):
+            continue
+        if device and device.startswith(_LOCAL_JOB):
+            return True
+    return False
+
+
+def stranded_message(what: str, method: str) -> str:
+    job = _connected["job"]
+    return (
+        f"`{method}`: {what} created before AsyncParameterServerStrategy "
+        f"connected this process to its cluster: it lives on /job:localhost, a "
+        f"device that no longer exists (TF renames this process's devices to "
+        f"{job} when it connects, and cannot disconnect). Create it after the "
+        "strategy: a model built and compiled inside `with strategy.scope():` "
+        "trains on the cluster; a plain Keras model (and its datasets) created "
+        "after the strategy, outside its scope, trains normally in this process. "
+        "Or run it in another process."
+    )
+
+
+def check_not_stranded(model, method: str, args, kwargs) -> None:
+    """ValueError (at the call) if ``model``'s variables, or a dataset passed
+    as ``x``/``validation_data``, predate this process's cluster connection."""
+    if _connected["job"] is None:
+        return
+    if stranded_on_localhost(model.variables):
+        raise ValueError(stranded_message("this model's variables were", method))
+    data = list(args[:1]) + [kwargs.get("x"), kwargs.get("validation_data")]
+    if stranded_on_localhost([d for d in data if isinstance(d, tf.data.Dataset)]):
+        raise ValueError(stranded_message("this tf.data.Dataset was", method))
 
 
 def _tf_backend_variable_class():
@@ -447,6 +505,20 @@ def per_worker_iterator(remote_values):
 def per_worker_remote_values(per_worker_value):
     """The per-worker ``RemoteValue``s inside a ``PerWorkerValues`` (worker order)."""
     return tuple(per_worker_value._values)
+
+
+def is_distributed_data(x) -> bool:
+    """Whether ``x`` is ``tf.distribute`` distributed data: a distributed
+    dataset/iterator, or ``ClusterCoordinator.create_per_worker_dataset``'s
+    per-worker dataset (``PerWorkerDatasetFromDatasetFunction``) or values."""
+    from tensorflow.python.distribute.coordinator import values as coordinator_values
+
+    return isinstance(x, (
+        tf.distribute.DistributedDataset,
+        tf.distribute.DistributedIterator,
+        coordinator_values.PerWorkerDatasetFromDatasetFunction,
+        coordinator_values.PerWorkerValues,
+    ))
 
 
 def symbolic_build(model, data_batch) -> None:

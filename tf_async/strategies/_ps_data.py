@@ -17,6 +17,7 @@ Accepted ``x`` (like tf-keras' parameter-server ``fit``):
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -142,8 +143,40 @@ def _weigh_by_class(dataset: tf.data.Dataset, class_weight: dict) -> tf.data.Dat
     return dataset.map(add_weight)
 
 
-def _cardinality(dataset: tf.data.Dataset) -> int:
+def cardinality(dataset: tf.data.Dataset) -> int:
+    """Batches in ``dataset``; < 0 for infinite or unknown."""
     return int(dataset.cardinality().numpy())
+
+
+_cardinality = cardinality
+
+
+def check_not_distributed(x, method: str) -> None:
+    """ValueError for a ``tf.distribute`` distributed dataset (or per-worker
+    dataset): under AsyncParameterServerStrategy ``fit`` distributes the data
+    itself, and ``evaluate``/``predict`` run on the coordinator."""
+    if _keras_fit.is_distributed_data(x):
+        raise ValueError(
+            f"`x` of `{method}`: a distributed dataset ({type(x).__name__}, from "
+            "`strategy.experimental_distribute_dataset`, "
+            "`distribute_datasets_from_function` or "
+            "`coordinator.create_per_worker_dataset`) cannot be passed to "
+            "AsyncParameterServerStrategy's fit/evaluate/predict. Pass the "
+            "tf.data.Dataset itself (each worker gets its own copy), or a "
+            "dataset function `lambda input_context: make_dataset(input_context)` "
+            "(one InputContext per worker, to shard), with `steps_per_epoch=` "
+            "(fit) or `steps=` (evaluate/predict)."
+        )
+
+
+def call_dataset_fn(fn, num_input_pipelines: int, input_pipeline_id: int):
+    """``fn(InputContext(...))`` or ``fn()``; the dataset it returns (checked)."""
+    if takes_input_context(fn):
+        dataset = fn(tf.distribute.InputContext(
+            num_input_pipelines=num_input_pipelines, input_pipeline_id=input_pipeline_id))
+    else:
+        dataset = fn()
+    return _returned_dataset(dataset)
 
 
 def _arrays_to_dataset(x, y, sample_weight, batch_size, shuffle) -> tf.data.Dataset:
@@ -180,12 +213,18 @@ def steps_and_source(
     x, y, sample_weight, batch_size, steps_per_epoch: Optional[int], shuffle: bool
 ) -> Tuple[int, object]:
     """Validates the data; returns (steps_per_epoch, dataset or dataset_fn)."""
+    check_not_distributed(x, "fit")
     if steps_per_epoch is not None:
         if isinstance(steps_per_epoch, bool) or not isinstance(
             steps_per_epoch, (int, np.integer)
         ) or steps_per_epoch < 1:
             raise ValueError(
-                f"`steps_per_epoch` must be a positive int, got {steps_per_epoch!r}."
+                f"`steps_per_epoch` must be None or a positive int, got "
+                f"{steps_per_epoch!r}. To run until the data ends "
+                "(Keras' -1), pass `steps_per_epoch=None` with a finite "
+                "tf.data.Dataset or arrays: one epoch is then one pass over them "
+                "(their cardinality). An infinite dataset or a dataset function "
+                "under AsyncParameterServerStrategy needs a positive int."
             )
         steps_per_epoch = int(steps_per_epoch)
     if isinstance(x, tf.data.Dataset):
@@ -219,6 +258,44 @@ def steps_and_source(
     if steps_per_epoch is None:
         steps_per_epoch = _cardinality(dataset)
     return steps_per_epoch, dataset.repeat()
+
+
+RAN_OUT_OF_DATA = (
+    "Your input ran out of data; interrupting training. "
+    "Make sure that your dataset or generator can generate "
+    "at least `steps_per_epoch * epochs` batches. "
+    "You may need to use the `.repeat()` "
+    "function when building your dataset."
+)  # Keras' EpochIterator warning, verbatim
+
+
+def batches_per_pass(x, batch_size) -> Optional[int]:
+    """Batches in one pass over a finite dataset or arrays ``x`` (Keras'
+    ``num_batches``); ``None`` for infinite/unknown datasets and dataset
+    functions (their epochs are ``steps_per_epoch`` long, repeated)."""
+    if isinstance(x, tf.data.Dataset):
+        count = cardinality(x)
+        return count if count > 0 else None
+    if callable(x) or x is None:
+        return None
+    first = tf.nest.flatten(x)[0]
+    return -(-int(np.shape(first)[0]) // int(batch_size or 32))
+
+
+def warn_if_fn_runs_short(source, num_workers: int, wanted: int) -> None:
+    """One warning when a dataset function's dataset is finite and shorter than
+    the ``wanted`` batches (workers repeat it, where Keras would run out)."""
+    count = cardinality(call_dataset_fn(source, num_workers, 0))
+    if 0 <= count and count * num_workers < wanted:
+        warnings.warn(
+            f"The dataset function returns a finite dataset ({count} batches for "
+            f"worker 0 of {num_workers}) that cannot supply `steps_per_epoch * "
+            f"epochs` = {wanted} batches: under AsyncParameterServerStrategy each "
+            "worker repeats its dataset (Keras without a strategy would stop: "
+            "'Your input ran out of data'). Add `.repeat()` to the dataset to "
+            "silence this, or lower `steps_per_epoch`.",
+            stacklevel=4,
+        )
 
 
 def per_worker_iterator(strategy, coordinator, source):
@@ -267,10 +344,4 @@ def element_spec(source, num_workers: int):
     worker 0's ``InputContext``, so a bad function fails before scheduling)."""
     if isinstance(source, tf.data.Dataset):
         return source.element_spec
-    if takes_input_context(source):
-        dataset = source(
-            tf.distribute.InputContext(num_input_pipelines=num_workers, input_pipeline_id=0)
-        )
-    else:
-        dataset = source()
-    return _returned_dataset(dataset).element_spec
+    return call_dataset_fn(source, num_workers, 0).element_spec

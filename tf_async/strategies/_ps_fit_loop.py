@@ -17,6 +17,7 @@ not stalled), and exactly at epoch end after ``coordinator.join()``.
 from __future__ import annotations
 
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -153,6 +154,15 @@ def run_fit(
     """``model.fit`` on the parameter-server cluster of ``strategy``."""
     _keras_fit.assert_compile_called(model, "fit")
     strategy.check_model(model)
+    if model.run_eagerly:
+        raise ValueError(
+            "`compile(run_eagerly=True)` is not supported by "
+            "AsyncParameterServerStrategy's fit: each step is a tf.function "
+            "scheduled on a remote worker, which cannot run Python eagerly. "
+            "Compile with `run_eagerly=False` (the default); to debug a step "
+            "eagerly, fit the same model without a strategy. (evaluate/predict "
+            "run on the coordinator and do honour run_eagerly.)"
+        )
     if class_weight is not None:
         class_weight = _ps_data.check_class_weight(class_weight)
     if validation_split and validation_data is None:
@@ -166,6 +176,10 @@ def run_fit(
         x, y, sample_weight, batch_size, steps_per_epoch, shuffle
     )
     source = _ps_data.with_class_weights(unweighted, class_weight)
+    # As Keras' EpochIterator: with `steps_per_epoch` given, a finite dataset
+    # (or arrays) of N batches is consumed across epochs; an epoch that reaches
+    # its end stops early with Keras' warning, and the next starts a new pass.
+    per_pass = _ps_data.batches_per_pass(x, batch_size) if steps_per_epoch else None
     if validation_data is not None:
         val_x, val_y, val_sample_weight = keras.utils.unpack_x_y_sample_weight(
             validation_data
@@ -176,8 +190,12 @@ def run_fit(
         _keras_fit.symbolic_build(model, _ps_data.element_spec(source, strategy.num_workers))
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
+    if steps_per_epoch and callable(x) and not isinstance(x, tf.data.Dataset):
+        _ps_data.warn_if_fn_runs_short(
+            source, strategy.num_workers, steps * max(epochs - initial_epoch, 0))
     if not model.trainable_variables:
-        raise ValueError("The model has no trainable variables to fit.")
+        # As Keras' train_step: the steps run (metrics, non-trainable updates).
+        warnings.warn("The model does not have any trainable weights.", stacklevel=3)
 
     state = strategy._fit_state(model)
     counters = state.counters
@@ -208,6 +226,7 @@ def run_fit(
     initial_epoch = _keras_fit.initial_epoch(model, initial_epoch)
     counters.start(int(model.optimizer.iterations.numpy()))
     training_logs = None
+    seen = 0  # batches of the current pass over a finite `x` (per_pass)
     for epoch in range(initial_epoch, epochs):
         model.reset_metrics()
         counters.reset_epoch_stats()
@@ -215,16 +234,17 @@ def run_fit(
         logs: dict = {}
         last_refresh = time.monotonic()
         step = 0
-        while step < steps:
+        epoch_steps = min(steps, per_pass - seen) if per_pass else steps
+        while step < epoch_steps:
             # As in Keras: callbacks see one batch per `steps_per_execution`.
-            count = min(per_call, steps - step)
+            count = min(per_call, epoch_steps - step)
             callbacks.on_train_batch_begin(step)
             coordinator.schedule(
                 state.step_function(count),
                 args=(iterator, *state.step_ids.take(count)),
             )
             done = step + count
-            if done < steps and (
+            if done < epoch_steps and (
                 done // log_every > step // log_every
                 if log_every
                 else time.monotonic() - last_refresh > refresh_seconds
@@ -235,6 +255,12 @@ def run_fit(
             step = done
             if model.stop_training:
                 break
+        if per_pass:
+            if epoch_steps < steps and not model.stop_training:
+                warnings.warn(_ps_data.RAN_OUT_OF_DATA, stacklevel=3)
+            seen += step
+            if seen >= per_pass:
+                seen = 0
         coordinator.join()
         epoch_logs = read_logs()
         if validation_data is not None and _keras_fit.should_eval(
@@ -259,28 +285,77 @@ def run_fit(
     return model.history
 
 
-def run_on_chief(strategy, model, original, *args, **kwargs):
+def _chief_data(x, steps, method: str):
+    """``x`` as Keras' own ``evaluate``/``predict`` on the coordinator takes it.
+
+    A dataset function (``fn()`` or ``fn(input_context)``, as ``fit`` takes)
+    is called once here with a one-pipeline ``InputContext`` (the whole data
+    on the coordinator); ``steps`` is required when its dataset is infinite or
+    of unknown size. A ``tf.distribute`` distributed dataset is refused with
+    what to pass instead.
+    """
+    _ps_data.check_not_distributed(x, method)
+    if callable(x) and not isinstance(x, tf.data.Dataset):
+        dataset = _ps_data.call_dataset_fn(x, num_input_pipelines=1, input_pipeline_id=0)
+        if steps is None and _ps_data.cardinality(dataset) < 0:
+            raise ValueError(
+                f"`steps` is required when `x` of `{method}` is a dataset function "
+                "whose dataset is infinite or of unknown size (as tf-keras' "
+                "DatasetCreator required), e.g. "
+                f"`model.{method}(dataset_fn, steps=10)`."
+            )
+        return dataset
+    return x
+
+
+def _replace_x(args, kwargs, method: str):
+    args, kwargs = list(args), dict(kwargs)
+    if args:
+        x = args[0]
+        steps = kwargs.get("steps", args[3] if method == "predict" and len(args) > 3
+                           else args[5] if method == "evaluate" and len(args) > 5 else None)
+        args[0] = _chief_data(x, steps, method)
+    elif "x" in kwargs:
+        kwargs["x"] = _chief_data(kwargs["x"], kwargs.get("steps"), method)
+    return args, kwargs
+
+
+def run_on_chief(strategy, model, original, *args, method: str = "evaluate", **kwargs):
     """Runs Keras' own ``evaluate``/``predict`` on the coordinator.
 
     The model's variables stay on the parameter servers and are read remotely;
     the step is traced under TF's default strategy, so Keras' loop (data
     adapters, callbacks, progress bar) works unchanged. Training steps in
     flight are joined first, so results reflect every scheduled step.
+
+    * An optimizer not built yet (``evaluate`` before any ``fit``) is built
+      here inside the strategy's scope, so its slots go to the parameter
+      servers like ``fit`` puts them (Keras would build it on the chief).
+    * ``compile(jit_compile=True)`` is not applied to the coordinator's step:
+      an XLA cluster cannot read variables living on another task (the
+      parameter servers); the step runs as a plain ``tf.function``.
     """
-    strategy.check_model(model)
+    strategy.check_model(model, method)
+    args, kwargs = _replace_x(args, kwargs, method)
     strategy.coordinator.join()
+    if model.built and model.optimizer is not None and not model.optimizer.built:
+        with strategy.scope():
+            model.optimizer.build(model.trainable_variables)
     saved = {
         name: getattr(model, name)
         for name in ("train_function", "test_function", "predict_function")
     }
+    saved_jit = model.jit_compile
     cached = strategy._chief_functions.setdefault(id(model), {})
     for name in ("test_function", "predict_function"):
         setattr(model, name, cached.get(name))
     _keras_fit.set_model_strategy(model, _keras_fit.default_strategy())
     try:
+        model.jit_compile = False
         with _keras_fit.outside_strategy_scopes():
             return original(*args, **kwargs)
     finally:
+        model.jit_compile = saved_jit
         _keras_fit.set_model_strategy(model, strategy)
         for name in ("test_function", "predict_function"):
             cached[name] = getattr(model, name)

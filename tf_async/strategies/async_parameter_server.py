@@ -134,6 +134,7 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         variable_partitioner = _rows.check_partitioner(variable_partitioner)
         self._num_workers = _check_cluster(cluster_resolver)
         super().__init__(cluster_resolver, variable_partitioner=variable_partitioner)
+        _keras_fit.note_cluster_connected("/job:chief")
         self._coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(
             self
         )
@@ -231,9 +232,12 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         self._last_fit_model = model
         return entry[2]
 
-    def check_model(self, model) -> None:
+    def check_model(self, model, method: str = "fit") -> None:
         """ValueError unless ``model`` was created in this strategy's scope."""
         if _keras_fit.model_strategy(model) is not self:
+            if _keras_fit.stranded_on_localhost(model.variables):
+                raise ValueError(_keras_fit.stranded_message(
+                    "this model's variables were", method))
             raise ValueError(
                 "The model was not created under this AsyncParameterServerStrategy's "
                 "scope(): build and compile it inside `with strategy.scope():` so "
@@ -259,14 +263,15 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
             raise tf.errors.UnavailableError(None, None, _cluster_lost_message(error)) from None
 
     def _tf_async_evaluate(self, model, original, *args, **kwargs):
-        return self._on_chief(model, original, *args, **kwargs)
+        return self._on_chief(model, original, *args, method="evaluate", **kwargs)
 
     def _tf_async_predict(self, model, original, *args, **kwargs):
-        return self._on_chief(model, original, *args, **kwargs)
+        return self._on_chief(model, original, *args, method="predict", **kwargs)
 
-    def _on_chief(self, model, original, *args, **kwargs):
+    def _on_chief(self, model, original, *args, method, **kwargs):
         try:
-            return _ps_fit_loop.run_on_chief(self, model, original, *args, **kwargs)
+            return _ps_fit_loop.run_on_chief(
+                self, model, original, *args, method=method, **kwargs)
         except tf.errors.InvalidArgumentError as error:
             ids = _rows.ids_error_from(error)  # an Embedding's ids out of range
             if ids is None:
