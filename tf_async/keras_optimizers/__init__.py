@@ -20,3 +20,6 @@ __all__ += ["LazyAdam", "LazyAdamW", "LazySGD"]
 from tf_async.keras_optimizers.gap_aware import GapAware  # noqa: E402
 
 __all__ += ["GapAware"]
+from tf_async.keras_optimizers.look_ahead import DanaAdam, DanaSGD  # noqa: E402
+
+__all__ += ["DanaSGD", "DanaAdam"]

@@ -73,6 +73,18 @@ class InnerOptimizerWrapper(keras.optimizers.Optimizer):
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
 
+    @property
+    def predicts_weights(self) -> bool:
+        """The inner optimizer's look-ahead (``tf_async.staleness``) is the wrapper's."""
+        from tf_async import staleness
+
+        return staleness.predicts_weights(self.inner_optimizer)
+
+    def predict_weights(self, variable, value, horizon, ids=None):
+        from tf_async import staleness
+
+        return staleness.predicted_read(self.inner_optimizer, variable, value, horizon, ids)
+
     def _build_on_first_apply(self, trainable_variables) -> None:
         if self.built:
             return
