@@ -58,6 +58,8 @@ __all__ = [
     "current_tau",
     "read_value",
     "is_row_read",
+    "predicts_weights",
+    "predicted_read",
 ]
 
 
@@ -241,6 +243,28 @@ def read_value(variable) -> tf.Tensor:
     if context is None:
         return _current_value(variable)
     return context.read_value(variable)
+
+
+def predicts_weights(optimizer) -> bool:
+    """True if ``optimizer`` supplies a look-ahead of the weights.
+
+    An optimizer opts in with a true ``predicts_weights`` attribute and a
+    method ``predict_weights(variable, value, horizon, ids=None)`` that
+    returns where ``variable`` will be after ``horizon`` more updates, given
+    the ``value`` a step read (the rows ``ids`` of a table read row by row).
+    A strategy computes the stale gradient at that prediction and publishes
+    it as the step's read value (DANA, see
+    ``tf_async.keras_optimizers.look_ahead``).
+    """
+    return bool(getattr(optimizer, "predicts_weights", False))
+
+
+def predicted_read(optimizer, variable, value, horizon, ids=None):
+    """``optimizer``'s prediction for ``variable`` from the read ``value``
+    (``value`` itself if the optimizer predicts nothing or is not built)."""
+    if not predicts_weights(optimizer) or not getattr(optimizer, "built", False):
+        return value
+    return optimizer.predict_weights(variable, value, horizon, ids=ids)
 
 
 def check_max_staleness(max_staleness) -> Optional[int]:

@@ -17,3 +17,9 @@ __all__ += ["ShardedAdam"]
 from tf_async.keras_optimizers.lazy import LazyAdam, LazyAdamW, LazySGD  # noqa: E402
 
 __all__ += ["LazyAdam", "LazyAdamW", "LazySGD"]
+from tf_async.keras_optimizers.gap_aware import GapAware  # noqa: E402
+
+__all__ += ["GapAware"]
+from tf_async.keras_optimizers.look_ahead import DanaAdam, DanaSGD  # noqa: E402
+
+__all__ += ["DanaSGD", "DanaAdam"]

@@ -32,7 +32,7 @@ import keras
 import tensorflow as tf
 
 from tf_async import _keras_fit, staleness
-from tf_async.keras_optimizers import _sparse_rows, row_sparse
+from tf_async.keras_optimizers import _sparse_rows, _wrapper, row_sparse
 from tf_async.keras_optimizers._arguments import check_unit_interval
 
 __all__ = ["StalenessScaled", "POLICIES"]
@@ -64,7 +64,7 @@ def _shrink(variable, before, keep, ids=None):
 
 
 @keras.saving.register_keras_serializable(package="tf_async")
-class StalenessScaled(keras.optimizers.Optimizer):
+class StalenessScaled(_wrapper.InnerOptimizerWrapper):
     """Wraps any Keras optimizer and scales its step by f(τ).
 
     Args:
@@ -84,77 +84,23 @@ class StalenessScaled(keras.optimizers.Optimizer):
         name: Optional[str] = None,
         **kwargs,
     ):
-        if not isinstance(inner, keras.optimizers.Optimizer):
-            raise TypeError(
-                "`inner` must be a keras.optimizers.Optimizer instance; received "
-                f"inner={inner!r} of type {type(inner).__name__}."
-            )
+        _wrapper.check_inner(inner)
         if policy not in POLICIES:
             raise ValueError(
                 f"`policy` must be one of {POLICIES}; received policy={policy!r}."
             )
         check_unit_interval("beta", beta)
-        # Base-optimizer arguments belong to the inner optimizer; accept only
-        # their defaults (as written by older configs).
-        defaults = {
-            "learning_rate": None, "weight_decay": None, "clipnorm": None,
-            "global_clipnorm": None, "clipvalue": None, "use_ema": False,
-            "ema_momentum": 0.99, "ema_overwrite_frequency": None,
-            "loss_scale_factor": None, "gradient_accumulation_steps": None,
-        }
-        for key in list(kwargs):
-            if key in defaults and kwargs[key] == defaults[key]:
-                kwargs.pop(key)
-        if kwargs:
-            raise ValueError(
-                "StalenessScaled takes no base optimizer arguments (set them on "
-                f"`inner`); received {sorted(kwargs)}."
-            )
-        super().__init__(learning_rate=0.0, name=name)
-        self.inner_optimizer = inner
+        _wrapper.reject_base_arguments("StalenessScaled", kwargs)
+        super().__init__(inner, name=name)
         self.policy = policy
         self.beta = float(beta)
-
-    def build(self, var_list):
-        self.inner_optimizer.build(var_list)
-        super().build(var_list)
-
-    @property
-    def variables(self):
-        return self._variables + self.inner_optimizer.variables
-
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
-
-    @property
-    def iterations(self):
-        return self.inner_optimizer.iterations
-
-    def scale_loss(self, loss):
-        return self.inner_optimizer.scale_loss(loss)
-
-    def finalize_variable_values(self, var_list):
-        self.inner_optimizer.finalize_variable_values(var_list)
 
     def factor(self, tau) -> tf.Tensor:
         """f(τ) of this wrapper's policy."""
         return staleness_factor(tau, self.policy, self.beta)
 
     def apply(self, grads, trainable_variables=None):
-        if not self.built:
-            if trainable_variables is None:
-                raise ValueError(
-                    "StalenessScaled.apply(): pass `trainable_variables` on the "
-                    "first call or build the optimizer first."
-                )
-            with keras.name_scope(self.name):
-                self.build(list(trainable_variables))
-            self.built = True
+        self._build_on_first_apply(trainable_variables)
         context = staleness.current()
         if context is None:
             # τ = 0: exactly the inner optimizer.
@@ -184,11 +130,7 @@ class StalenessScaled(keras.optimizers.Optimizer):
                     variable, _shrink, args=(value, keep, ids), group=False
                 )
 
-        replica_context = tf.distribute.get_replica_context()
-        if replica_context is None:
-            rescale(tf.distribute.get_strategy())
-        else:
-            replica_context.merge_call(rescale)
+        _wrapper.in_cross_replica(rescale)
 
     def get_config(self) -> dict:
         return {

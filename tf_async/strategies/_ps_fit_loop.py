@@ -62,7 +62,8 @@ class FitState:
         self.counters = PSCounters(strategy)
         self._strategy = strategy
         self._train_step = TrainStep(
-            model, self.counters, strategy.max_staleness, strategy.on_nonfinite
+            model, self.counters, strategy.max_staleness, strategy.on_nonfinite,
+            look_ahead_horizon=strategy.look_ahead_horizon,
         )
         self._step_functions: dict = {}
         counters = self.counters

@@ -6,7 +6,11 @@ Per step, on a worker (all state lives on the parameter servers):
    applied so far);
 2. one snapshot ``w_read`` of every trainable value (each remote variable is
    read once), forward + backward pass on that snapshot (Keras
-   ``StatelessScope``), so the gradient is exactly ∇L(w_read);
+   ``StatelessScope``), so the gradient is exactly ∇L(w_read); with a
+   weight-predicting optimizer (DANA look-ahead, ``staleness.predicts_weights``)
+   the snapshot of each dense, unsharded variable is the optimizer's prediction
+   ``h`` updates ahead, made where the read ran (tables and sharded variables
+   are used as read);
 3. the step takes a ticket: its position in the global update order;
 4. τ = (updates applied between the read and this apply); τ and ``w_read`` are
    published through :func:`tf_async.staleness.publish` around
@@ -172,8 +176,9 @@ class TrainStep:
     """Builds the per-step replica function for one compiled Keras model."""
 
     def __init__(self, model: keras.Model, counters: PSCounters, max_staleness: Optional[int],
-                 on_nonfinite: str = "skip"):
+                 on_nonfinite: str = "skip", look_ahead_horizon: float = 0.0):
         self.model = model
+        self.look_ahead_horizon = float(look_ahead_horizon)
         self.counters = counters
         self.max_staleness = max_staleness
         self.on_nonfinite = _nonfinite.check_on_nonfinite(on_nonfinite)
@@ -260,6 +265,9 @@ class TrainStep:
         DC-ASGD, cost no transfer back). The reads run after the ops ``after``.
         """
         tables = self._tables(x, y, sample_weight)
+        optimizer = self.model.optimizer
+        horizon = self.look_ahead_horizon
+        predicting = horizon > 0 and staleness.predicts_weights(optimizer)
         reads, shard_counts = [], []
         # Only the reads wait for ``after``: a control edge into the worker's
         # part of the graph would cost one more cross-device message.
@@ -272,7 +280,12 @@ class TrainStep:
                 parts = getattr(target, "variables", None) or [target]  # shards
                 for part in parts:
                     with tf.device(part.device):
-                        reads.append(part.read_value())
+                        read = part.read_value()
+                        if predicting and len(parts) == 1:
+                            # DANA look-ahead, where the read ran: the step's
+                            # snapshot is the optimizer's prediction.
+                            read = staleness.predicted_read(optimizer, variable, read, horizon)
+                        reads.append(read)
                 shard_counts.append(len(parts))
         received = _fused_transfer.send(reads, [None] * len(reads))
         values, commit_values = [], []

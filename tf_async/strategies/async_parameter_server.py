@@ -29,6 +29,15 @@ from tf_async.strategies import _nonfinite, _ps_fit_loop
 __all__ = ["AsyncParameterServerStrategy"]
 
 
+def _check_horizon(value) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(
+            f"`look_ahead_horizon` must be None or a float >= 0, got {value!r}.")
+    return float(value)
+
+
 def _check_cluster(cluster_resolver) -> int:
     if cluster_resolver is None:
         raise ValueError(
@@ -132,6 +141,7 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
             )
         self._log_every_steps = log_every_steps
         variable_partitioner = _rows.check_partitioner(variable_partitioner)
+        self._look_ahead_horizon = None
         self._num_workers = _check_cluster(cluster_resolver)
         super().__init__(cluster_resolver, variable_partitioner=variable_partitioner)
         _keras_fit.note_cluster_connected("/job:chief")
@@ -165,6 +175,23 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
     @property
     def num_workers(self) -> int:
         return self._num_workers
+
+    @property
+    def look_ahead_horizon(self) -> float:
+        """``h`` handed to a weight-predicting optimizer (DANA look-ahead,
+        ``tf_async.staleness.predicts_weights``): the updates expected
+        between a step's read and its apply. Default: ``num_workers − 1``
+        (bounded by ``max_staleness``); settable to a float >= 0 before ``fit``."""
+        if self._look_ahead_horizon is not None:
+            return self._look_ahead_horizon
+        bound = self._num_workers - 1
+        if self._max_staleness is not None:
+            bound = min(bound, self._max_staleness)
+        return float(bound)
+
+    @look_ahead_horizon.setter
+    def look_ahead_horizon(self, value) -> None:
+        self._look_ahead_horizon = _check_horizon(value)
 
     @property
     def log_every_steps(self) -> Optional[int]:

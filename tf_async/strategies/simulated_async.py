@@ -28,9 +28,18 @@ no weight, optimizer state, ``iterations``, step counter t, τ statistic or
 metric (the metric variables are restored), and counts in
 ``nonfinite_skipped`` (total since the strategy was created).
 
+Look-ahead (DANA, :mod:`tf_async.keras_optimizers.look_ahead`): if the
+optimizer predicts weights (``tf_async.staleness.predicts_weights``), step 1
+stores its prediction of the weights ``h`` updates ahead (``h`` = the expected
+staleness: ``max_staleness`` for ``"round_robin"``, ``max_staleness / 2`` for
+``"random"``), made from the live weights and the optimizer state at that
+step; the gradient τ steps later is computed at that prediction, which is also
+the step's published ``w_read`` (one snapshot per step, as before).
+
 Everything is graph code (no Python at step time), so ``jit_compile=True``
-works. ``staleness_mean`` (over all steps so far) and ``staleness_max`` are
-added to the step's logs and so reach the progress bar and ``History``.
+works. ``staleness_mean`` and ``staleness_max`` (over the applied steps of the
+current epoch, like the parameter-server strategy) are added to the step's
+logs and so reach the progress bar and ``History``.
 """
 
 from __future__ import annotations
@@ -76,11 +85,27 @@ class _SimState:
             for i, v in enumerate(variables)
         ]
         self.step = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="sim_step")
+        # Per epoch (reset by the fit hook's callback at each epoch's start).
         self.tau_sum = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="tau_sum")
         self.tau_max = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="tau_max")
+        self.epoch_steps = tf.Variable(
+            tf.constant(0, tf.int64), trainable=False, name="epoch_steps")
         self.nonfinite = tf.Variable(
             tf.constant(0, tf.int64), trainable=False, name="nonfinite_skipped"
         )
+
+
+class _EpochStaleness(keras.callbacks.Callback):
+    """Resets the strategy's per-epoch staleness statistics of one model."""
+
+    def __init__(self, strategy, model):
+        super().__init__()
+        self._strategy = strategy
+        self._model_id = id(model)
+        self._target = model
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._strategy.reset_epoch_staleness(self._target)
 
 
 class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
@@ -158,6 +183,7 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
     def _tf_async_fit(self, model, original, *args, **kwargs):
         """Keras' own ``fit``; an ``on_nonfinite="raise"`` failure becomes a
         ``NonFiniteStepError`` instead of a TF assertion trace."""
+        args, kwargs = self._with_epoch_callback(model, original, args, kwargs)
         try:
             return original(*args, **kwargs)
         except tf.errors.InvalidArgumentError as error:
@@ -166,6 +192,38 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
             if nonfinite is None:
                 raise
             raise nonfinite from None
+
+    def _with_epoch_callback(self, model, original, args, kwargs):
+        """``fit``'s arguments with a callback that starts each epoch's
+        staleness statistics from zero."""
+        import inspect
+
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        callbacks = bound.arguments.get("callbacks")
+        reset = _EpochStaleness(self, model)
+        if callbacks is None:
+            callbacks = [reset]
+        elif isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks.append(reset)
+        else:
+            callbacks = list(callbacks) + [reset]
+        bound.arguments["callbacks"] = callbacks
+        return bound.args, bound.kwargs
+
+    def reset_epoch_staleness(self, model) -> None:
+        """Starts ``staleness_mean`` / ``staleness_max`` of ``model`` from zero."""
+        for (model_id, _), state in self._states.items():
+            if model_id == id(model):
+                state.tau_sum.assign(0)
+                state.tau_max.assign(0)
+                state.epoch_steps.assign(0)
+
+    @property
+    def look_ahead_horizon(self) -> float:
+        """``h`` of a weight-predicting optimizer: the expected τ."""
+        if self._staleness_mode == "round_robin":
+            return float(self._max_staleness)
+        return self._max_staleness / 2.0
 
     def run(self, fn, args=(), kwargs=None, options=None):
         model = _keras_fit.keras_train_step_model(fn)
@@ -204,10 +262,18 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
             slots = tf.constant(state.slots, tf.int64)
             live_slot = tf.math.floormod(step, slots)
             stale_slot = tf.math.floormod(step - tau, slots)
+            optimizer = model.optimizer
+            horizon = self.look_ahead_horizon
+            predicting = horizon > 0 and staleness.predicts_weights(optimizer)
             live, stale_values = [], []
-            for variable, ring in zip(state.variables, state.rings):
+            for keras_variable, variable, ring in zip(
+                    keras_variables, state.variables, state.rings):
                 value = variable.read_value()
-                ring.scatter_update(tf.IndexedSlices(value[None], live_slot[None]))
+                snapshot = value
+                if predicting:  # the weights this step's read would compute at
+                    snapshot = staleness.predicted_read(
+                        optimizer, keras_variable, value, horizon)
+                ring.scatter_update(tf.IndexedSlices(snapshot[None], live_slot[None]))
                 live.append(value)
                 stale_values.append(tf.gather(ring, stale_slot))
             for variable, value in zip(state.variables, stale_values):
@@ -221,7 +287,6 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
                         variable.assign(value)
                     restored.append(True)
 
-            optimizer = model.optimizer
             publishing = []
             losses = []  # the step's (scaled) loss, seen by scale_loss
             finite_flags = []
@@ -287,7 +352,8 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
                 return tf.constant(True)
 
             tf.cond(finite, lambda: tf.constant(True), restore_metrics)
-            applied_steps = state.step.assign_add(applied)
+            state.step.assign_add(applied)
+            applied_steps = state.epoch_steps.assign_add(applied)
             tau_sum = state.tau_sum.assign_add(tau * applied)
             tau_max = state.tau_max.assign(
                 tf.maximum(state.tau_max.read_value(), tau * applied))
