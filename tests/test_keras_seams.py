@@ -207,6 +207,22 @@ def test_checkpointed_tensor_saves_and_restores_through_checkpoint(tmp_path):
     late.entry = _keras_fit.CheckpointedTensor(lambda: store["value"], write)
     status.assert_consumed()
     np.testing.assert_array_equal(store["value"].numpy(), [1.0, 2.0, 3.0])
+
+
+def test_first_local_replica_id_is_tf_replica_id_mapping():
+    from tensorflow.python.distribute import collective_all_reduce_strategy as cars
+
+    assert _keras_fit.first_local_replica_id(tf.distribute.get_strategy()) == 0
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    strategy = tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+    assert _keras_fit.first_local_replica_id(strategy) == 0
+    # MultiWorkerMirrored: id_in_cluster · local replicas + local id (TF 2.21).
+    extended = cars.CollectiveAllReduceExtended
+    assert "_id_in_cluster" in extended._get_replica_id_in_sync_group.__code__.co_names
+
+
 # ---- async parameter-server seams (Keras 3.15) ----
 
 

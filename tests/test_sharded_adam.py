@@ -308,8 +308,20 @@ def test_bad_arguments(kwargs, error, match):
 def test_unsupported_strategy_is_named():
     strategy = tf.distribute.experimental.CentralStorageStrategy()
     with strategy.scope():
-        with pytest.raises(ValueError, match="CentralStorageStrategy"):
+        with pytest.raises(ValueError, match="CentralStorageStrategy: it keeps every "
+                           "variable, the optimizer state included, on one central device"):
             ShardedAdam()
+
+
+def test_multi_worker_mirrored_is_sharded_over_its_replicas():
+    """One-worker MultiWorkerMirroredStrategy (the 2 × 2 run is in
+    test_sharded_adam_mwms.py): accepted, N = its replica count."""
+    from tf_async.keras_optimizers import sharded_adam
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    assert sharded_adam._strategy_mode(strategy) == "sharded"
+    with strategy.scope():
+        assert ShardedAdam().num_shards == strategy.num_replicas_in_sync
 
 
 def test_created_outside_the_strategy_scope_is_a_clear_error():

@@ -187,6 +187,10 @@ SHARDED_ADAM_OVERRIDES = (
 #     ``_next_instance_key()``, ``_get_ordering_token()`` and ``_all_gather``;
 #     ZeRO-1's all-to-all / all-gather use the strategy's own collective keys
 #     (``collective_launchers`` and below).
+#   * TF (not Keras): ``StrategyExtended._get_replica_id_in_sync_group(0)`` —
+#     the global id of this worker's first local replica, to map a global
+#     shard to (worker, local replica) under MultiWorkerMirroredStrategy
+#     (``first_local_replica_id``).
 
 
 def collective_launchers(strategy):
@@ -203,6 +207,17 @@ def collective_launchers(strategy):
     if isinstance(ops_, cross_device_ops.CollectiveAllReduce):
         return list(ops_._launchers)
     return None
+
+
+def first_local_replica_id(strategy) -> int:
+    """Sync-group id of this worker's first replica (0 on a single worker).
+
+    TF's ``StrategyExtended._get_replica_id_in_sync_group(local_id)``
+    (``MultiWorkerMirroredStrategy``: ``id_in_cluster · local replicas +
+    local_id``); ``experimental_local_results`` lists this worker's replicas
+    in that order.
+    """
+    return int(strategy.extended._get_replica_id_in_sync_group(0))
 
 
 def launcher_device(launcher) -> str:

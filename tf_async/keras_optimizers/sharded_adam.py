@@ -2,9 +2,10 @@
 
 ZeRO stage 1 (Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training
 Trillion Parameter Models", SC 2020): with N data-parallel replicas, replica r
-keeps only a contiguous 1/N slice of the flattened Adam moments m and v,
+keeps only a contiguous 1/N slice of the flattened Adam moments m and v. Per
+step, in replica r (``_sharded_step``):
 
-    g     = Σ_replicas g_replica                       (all-reduce, as Keras)
+    g_r   = Σ_replicas g_replica[slice r]              (reduce-scatter)
     m_r  ← m_r + (g_r − m_r)(1 − β1)                   (slice r only)
     v_r  ← v_r + (g_r² − v_r)(1 − β2)
     α_t   = lr · sqrt(1 − β2^t) / (1 − β1^t)
@@ -12,11 +13,18 @@ keeps only a contiguous 1/N slice of the flattened Adam moments m and v,
     w_r  ← w_r − α_t · m_r / (sqrt(v_r) + ε)
     w     = all_gather_r(w_r)                           (every replica)
 
-which is exactly Keras' Adam, element for element (same ops, same order), so
-results match ``keras.optimizers.Adam`` / ``AdamW``. (The all-gather is an
-all-reduce of zero-padded slices, see ``_all_gather``.) Model variables are
-grouped by dtype; each group is flattened and padded by at most N − 1 elements
-(``_flat_layout.FlatLayout``).
+The gradient is never all-reduced: each replica receives only the sum of its
+own slice, and the new parameters are all-gathered once, so a replica moves
+what one all-reduce of the gradient moves (ZeRO-1's communication volume;
+``_zero_collectives``: an all-to-all collective plus a local sum and
+``all_gather_v2`` under ``CollectiveAllReduce``, the strategy's own
+``batch_reduce_to`` per block otherwise). The update is Keras' Adam, element
+for element (same ops, same order), so results match
+``keras.optimizers.Adam`` / ``AdamW`` (bit for bit where the summation order
+is the same, else to ~1e-6). The replica id may be a tensor (TPU): slices
+have static sizes and dynamic offsets. With ``use_ema`` the moving average is
+a third sharded slot. Model variables are grouped by dtype; each group is
+flattened and padded by at most N − 1 elements (``_flat_layout.FlatLayout``).
 
 State placement by strategy:
   * no strategy / default / ``OneDeviceStrategy`` / ``MirroredStrategy``: the
@@ -65,19 +73,35 @@ def _strategy_mode(strategy: tf.distribute.Strategy) -> str:
     if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
         return _MODE_SHARDED
     if isinstance(
-        strategy, (tf.distribute.MirroredStrategy, tf.distribute.OneDeviceStrategy)
+        strategy,
+        (
+            tf.distribute.MirroredStrategy,
+            tf.distribute.OneDeviceStrategy,
+            tf.distribute.MultiWorkerMirroredStrategy,
+            tf.distribute.TPUStrategy,
+            tf.distribute.experimental.TPUStrategy,
+        ),
     ):
         return _MODE_SHARDED
     if isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy):
         return _MODE_PARAMETER_SERVER
     if type(strategy).__name__ == "AsyncParameterServerStrategy":
         return _MODE_PARAMETER_SERVER
+    name = f"{type(strategy).__module__}.{type(strategy).__name__}"
+    if isinstance(strategy, tf.distribute.experimental.CentralStorageStrategy):
+        raise ValueError(
+            f"ShardedAdam does not support {name}: it keeps every variable, the "
+            "optimizer state included, on one central device, so there is no "
+            "per-replica copy of m and v to split. Use keras.optimizers.Adam there."
+        )
     raise ValueError(
-        f"ShardedAdam does not support the distribution strategy "
-        f"{type(strategy).__module__}.{type(strategy).__name__}. Supported: no "
-        "strategy, tf.distribute.OneDeviceStrategy, tf.distribute.MirroredStrategy, "
-        "tf.distribute.experimental.ParameterServerStrategy and "
-        "tf_async AsyncParameterServerStrategy. Use keras.optimizers.Adam there."
+        f"ShardedAdam does not support the distribution strategy {name}: it "
+        "splits Adam's state by the strategy's replicas and must know how that "
+        "strategy places per-replica variables and runs collectives, which it "
+        "knows only for: no strategy, tf.distribute.OneDeviceStrategy, "
+        "MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrategy, "
+        "tf.distribute.experimental.ParameterServerStrategy and tf_async "
+        "AsyncParameterServerStrategy. Use keras.optimizers.Adam there."
     )
 
 
@@ -269,16 +293,48 @@ class ShardedAdam(keras.optimizers.Adam):
             ]
 
     # ------------------------------------------------ logical (unsharded) state
-    def _components(self, group: _ShardGroup, slot: str) -> tuple:
+    def _local_components(self, group: _ShardGroup, slot: str) -> tuple:
+        """This worker's components of a slot, in local replica order."""
         return tuple(self._distribution_strategy.experimental_local_results(group.slots[slot]))
+
+    def _shard_values(self, group: _ShardGroup, slot: str) -> list:
+        """Every replica's slice of a slot, indexed by global shard (replica id).
+
+        On one worker these are the local components. Under a multi-worker
+        strategy (MultiWorkerMirrored) the other workers' slices are fetched
+        with ``strategy.gather`` (an all-gather collective), so every worker
+        must read the logical state at the same point (TF's multi-worker
+        checkpointing has every worker save).
+        """
+        local = self._local_components(group, slot)
+        num_shards = self.num_shards
+        if len(local) == num_shards:
+            return list(local)
+        strategy = self._distribution_strategy
+        values = []
+        for component in local:
+            with tf.device(component.device):
+                values.append(tf.identity(component.read_value()))
+        gathered = strategy.gather(_keras_fit.per_replica(values), axis=0)
+        return tf.unstack(tf.reshape(gathered, [num_shards, group.layout.shard_size]))
+
+    def _writable_shards(self, group: _ShardGroup, slot: str) -> dict:
+        """Global shard -> this worker's component holding it (local replicas only)."""
+        local = self._local_components(group, slot)
+        first = (
+            0
+            if len(local) == self.num_shards
+            else _keras_fit.first_local_replica_id(self._distribution_strategy)
+        )
+        return {first + i: component for i, component in enumerate(local)}
 
     def _make_reader(self, slot: str, group: _ShardGroup, position: int, reference):
         shape = tuple(reference.shape)
 
         def read() -> tf.Tensor:
-            components = self._components(group, slot)
+            shards = self._shard_values(group, slot)
             parts = [
-                tf.convert_to_tensor(components[p.shard])[
+                tf.convert_to_tensor(shards[p.shard])[
                     p.shard_offset : p.shard_offset + p.size
                 ]
                 for p in group.layout.parts(position)
@@ -299,12 +355,14 @@ class ShardedAdam(keras.optimizers.Adam):
                     f"Cannot restore ShardedAdam slot {slot!r}: saved tensor has "
                     f"{flat.shape[0]} elements, the variable has {size}."
                 )
-            components = self._components(group, slot)
+            # Each worker writes the slices its own replicas hold.
+            components = self._writable_shards(group, slot)
             ops_ = [
                 components[p.shard][
                     p.shard_offset : p.shard_offset + p.size
                 ].assign(flat[p.start : p.stop])
                 for p in group.layout.parts(position)
+                if p.shard in components
             ]
             return tf.group(ops_)
 
