@@ -58,3 +58,10 @@ def test_two_workers_diverge_inside_period_and_agree_after_sync():
     assert a["syncs"] == b["syncs"] == 3
     assert a["final"] == b["final"]
     assert a["divergence"] > 0
+    # The train step's logs are reduced over each worker's replicas, without a
+    # collective: the only cross-worker reductions traced are the syncs
+    # (the train step's periodic one and the flush traced by synchronize()).
+    assert a["traced"]["reduce_to"] == b["traced"]["reduce_to"] == 0, (a, b)
+    assert 1 <= a["traced"]["batch_reduce_to"] <= 3, a
+    # Worker-local logs: each worker's own loss (different shards).
+    assert a["loss"] != b["loss"]
