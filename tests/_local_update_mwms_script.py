@@ -23,6 +23,16 @@ def main():
         tf.distribute.MultiWorkerMirroredStrategy(), sync_every=4
     )
     assert isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    # Cross-worker reductions traced into graphs (Keras' per-step log reduce
+    # would be one per logged value; the periodic sync is one batch_reduce_to).
+    traced = {"reduce_to": 0, "batch_reduce_to": 0}
+    extended = strategy.extended
+    for name in traced:
+        def counting(*args, _inner=getattr(extended, name), _name=name, **kwargs):
+            if not tf.executing_eagerly():
+                traced[_name] += 1
+            return _inner(*args, **kwargs)
+        setattr(extended, name, counting)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16 * 2 * 10, 8)).astype("float32")
     y = np.tanh(x @ rng.normal(size=(8, 1))).astype("float32")
@@ -31,7 +41,9 @@ def main():
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA
     )
-    dataset = dataset.with_options(options)
+    # Infinite (steps_per_epoch below): TF's distributed iterator adds a
+    # cross-worker reduce per step when a dataset may end.
+    dataset = dataset.with_options(options).repeat()
     with strategy.scope():
         keras.utils.set_random_seed(1)
         model = keras.Sequential(
@@ -49,7 +61,7 @@ def main():
         def on_train_batch_end(self, batch, logs=None):
             sums.append(checksum())
 
-    history = model.fit(dataset, epochs=1, verbose=0, callbacks=[Probe()])
+    history = model.fit(dataset, epochs=1, steps_per_epoch=10, verbose=0, callbacks=[Probe()])
     result = {
         "task": os.environ.get("TF_ASYNC_TASK"),
         "per_step": sums,
@@ -57,6 +69,8 @@ def main():
         "syncs": int(strategy.sync_count.numpy()),
         "divergence": history.history["local_divergence"][-1],
         "replicas": strategy.num_replicas_in_sync,
+        "traced": traced,
+        "loss": history.history["loss"][-1],
     }
     print("RESULT " + json.dumps(result), flush=True)
 

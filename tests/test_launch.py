@@ -166,6 +166,11 @@ def test_cli_rejects_bad_arguments(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr
     result = _run_launcher(["--workers", "1"])
     assert result.returncode == 2 and "No script given" in result.stderr
+    result = _run_launcher(["--workers", "2", "--link_latency_ms", "-1", "--", "x.py"])
+    assert result.returncode == 2 and "`--link_latency_ms` must be a number in [0, 10000]" \
+        in result.stderr
+    result = _run_launcher(["--workers", "2", "--link_mbit", "0", "--", "x.py"])
+    assert result.returncode == 2 and "`--link_mbit` must be a number in (0, 1e6]" in result.stderr
 
 
 PS_TRAINING_SCRIPT = """

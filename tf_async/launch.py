@@ -26,6 +26,13 @@ launcher says so in one warning line and uses the host network.
 ``--network=host`` opts out (a cluster that must talk to other machines).
 Every process started for the cluster goes through
 :func:`start_in_cluster_network`.
+
+Slow link (``--link_latency_ms MS``, ``--link_mbit MBIT``): a throttling TCP
+relay (:mod:`tf_async._relay`) runs in the cluster's network with one port per
+ordered pair of tasks; each task's ``TF_CONFIG`` lists its own address and its
+peers at the relay's ports for it, so every cross-task connection pays the
+one-way latency and per-direction bandwidth a WAN would. The relay stops with
+the launch and prints the link it measured (``[launch] relay-stats [...]``).
 """
 
 from __future__ import annotations
@@ -211,9 +218,24 @@ def launch(
     out: TextIO = sys.stdout,
     python: str = sys.executable,
     network: str = "private",
+    link_latency_ms: Optional[float] = None,
+    link_mbit: Optional[float] = None,
 ) -> int:
-    """Starts the cluster, streams logs, returns the chief's exit code."""
+    """Starts the cluster, streams logs, returns the chief's exit code.
+
+    ``link_latency_ms`` / ``link_mbit`` (either given): every cross-task
+    connection goes through a throttling relay (:mod:`tf_async._relay`) with
+    that one-way latency and per-direction bandwidth; its measured link is
+    printed when the cluster stops (``[launch] relay-stats [...]``).
+    """
     check_network(network)
+    slow_link = link_latency_ms is not None or link_mbit is not None
+    if slow_link:
+        from tf_async import _relay
+
+        link_latency_ms, link_mbit = _relay.check_link(
+            0.0 if link_latency_ms is None else link_latency_ms, link_mbit, flag_prefix="--"
+        )
     cluster = build_cluster(workers, ps, chief, base_port)
     if not command:
         raise ValueError("No script given: use `-- script.py [ARGS]` or `-- -m module`.")
@@ -236,12 +258,20 @@ def launch(
         s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)
     }
     cluster_network = ClusterNetwork()
+    relay: Optional[subprocess.Popen] = None
     try:
         cluster_network, warning = open_cluster_network(network, python)
         _report_network(cluster_network, warning, out, lock)
+        views = {(t.task_type, t.index): cluster for t in tasks}
+        if slow_link:
+            relay, views = _start_relay(
+                cluster_network, cluster, tasks, link_latency_ms, link_mbit, python, out, lock
+            )
         for task in tasks:
             env = dict(os.environ)
-            env["TF_CONFIG"] = make_tf_config(cluster, task.task_type, task.index)
+            env["TF_CONFIG"] = make_tf_config(
+                views[(task.task_type, task.index)], task.task_type, task.index
+            )
             env["TF_ASYNC_TASK"] = f"{task.task_type}:{task.index}"
             env["PYTHONUNBUFFERED"] = "1"
             task.process = start_in_cluster_network(
@@ -297,6 +327,8 @@ def launch(
         return result
     finally:
         _terminate(tasks)
+        if relay is not None:
+            _stop_relay(relay, out, lock)
         cluster_network.close()
         for thread in streams:
             thread.join(timeout=5)
@@ -308,6 +340,80 @@ def launch(
             )
             out.write(f"[launch] all tasks stopped ({codes})\n")
             out.flush()
+
+
+def _start_relay(network, cluster, tasks, latency_ms, mbit, python, out, lock):
+    """Starts the relay inside the cluster's network; returns it and each
+    task's view of the cluster (its peers at the relay's ports for it)."""
+    from tf_async import _relay
+
+    names = [f"{t.task_type}{t.index}" for t in tasks]
+    target_ports = [int(t.address.rsplit(":", 1)[1]) for t in tasks]
+    listen_ports = pick_unused_ports(len(tasks) * (len(tasks) - 1))
+    spec = {"names": names, "target_ports": target_ports, "listen_ports": listen_ports,
+            "latency_ms": latency_ms, "mbit": mbit}
+    relay = start_in_cluster_network(
+        network, _relay.command(python, spec),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    answer = relay.stdout.readline()
+    if not answer.startswith("ready"):
+        relay.kill()
+        relay.wait()
+        raise RuntimeError(f"the link relay did not start: {answer.strip()!r}")
+    views, k = {}, 0
+    for i, task in enumerate(tasks):
+        view = {job: list(addresses) for job, addresses in cluster.items()}
+        for j, peer in enumerate(tasks):
+            if i == j:
+                continue
+            view[peer.task_type][peer.index] = f"127.0.0.1:{listen_ports[k]}"
+            k += 1
+        views[(task.task_type, task.index)] = view
+    with lock:
+        out.write(
+            f"[launch] slow link: every cross-task connection through a relay (pid "
+            f"{relay.pid}), one-way latency {latency_ms:g} ms, "
+            f"{'unlimited' if mbit is None else f'{mbit:g} Mbit/s'} per direction\n"
+        )
+        out.flush()
+    return relay, views
+
+
+def _stop_relay(relay: subprocess.Popen, out: TextIO, lock) -> None:
+    relay.stdin.close()  # the relay stops when its stdin closes
+    try:
+        relay.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        relay.kill()
+        relay.wait()
+    text = relay.stdout.read()
+    relay.stdout.close()
+    for line in (text or "").splitlines():
+        if not line.startswith("relay-stats "):
+            continue
+        import json
+
+        stats = json.loads(line[len("relay-stats "):])
+        with lock:
+            for link in stats:
+                if not link["bytes"]:
+                    continue
+                saturated = link["saturated_mbit"]
+                out.write(
+                    f"[launch] link {link['link']}: {link['bytes']} bytes, one-way delay "
+                    f"min {link['one_way_ms_min']} mean {link['one_way_ms_mean']} ms, "
+                    f"saturated {'-' if saturated is None else saturated} Mbit/s\n"
+                )
+            out.write("[launch] " + line + "\n")
+            out.flush()
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
 def _report_network(network: ClusterNetwork, warning, out: TextIO, lock) -> None:
@@ -343,6 +449,15 @@ def _parser() -> argparse.ArgumentParser:
         help="private (default): all tasks share one network namespace with only "
         "loopback; host: the host's network (tasks listen on all interfaces)",
     )
+    parser.add_argument(
+        "--link_latency_ms", type=_number, default=None,
+        help="slow link: one-way latency (ms, [0, 10000]) of every cross-task "
+        "connection, through a throttling relay",
+    )
+    parser.add_argument(
+        "--link_mbit", type=_number, default=None,
+        help="slow link: bandwidth (Mbit/s per direction of each task pair, > 0)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- script.py ARGS")
     return parser
 
@@ -362,6 +477,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             keep_going=args.keep_going,
             base_port=args.base_port,
             network=args.network,
+            link_latency_ms=args.link_latency_ms,
+            link_mbit=args.link_mbit,
         )
     except (ValueError, TypeError) as error:
         parser.error(str(error))

@@ -102,6 +102,10 @@ class _Runtime:
         self.slots: Dict[int, List[tf.Variable]] = {}
         self.trainable: List[tf.Variable] = []  # created in scope, in order
         self.groups: Dict[Tuple[int, ...], _SyncGroup] = {}
+        # The last local step's logs, already reduced over this worker's
+        # replicas (id -> graph tensor, kept alive so ids stay unique):
+        # ``reduce`` passes them through without a collective.
+        self.worker_local_logs: Dict[int, tf.Tensor] = {}
 
 
 class _LocalUpdateExtendedMixin(_keras_fit.LocalUpdateExtendedSeams):
@@ -316,6 +320,7 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
             return super().run(fn, args, kwargs, options)
 
         runtime.updated = {}
+        runtime.worker_local_logs = {}
         runtime.local_mode = True
         try:
             outputs = super().run(self._wrap_step(fn), args, kwargs, options)
@@ -324,9 +329,13 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
         if runtime.updated:
             group = self._group_for(list(runtime.updated.values()))
             self._after_local_step(group)
+            if self.num_replicas_in_sync > len(self.extended.worker_devices):
+                outputs = self._worker_local_logs(outputs)
         return outputs
 
     def reduce(self, reduce_op, value, axis):
+        if not tf.executing_eagerly() and id(value) in self._lu_runtime.worker_local_logs:
+            return value  # a local step's log: already this worker's mean
         # Keras reads metric results eagerly through here at every epoch end
         # (and at the end of evaluate): flush pending local steps first.
         if (
@@ -363,6 +372,36 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
             return outputs
 
         return local_step
+
+    def _worker_local_logs(self, outputs):
+        """A local train step's scalar logs as this worker's mean over its replicas.
+
+        Keras reduces every logged value of every step with
+        ``strategy.reduce(MEAN, v, axis=0)``, which under MultiWorkerMirrored is
+        one cross-worker collective per value per step: over a slow link that
+        costs more than the local step it reports on. Between synchronisations
+        the replicas' losses are each replica's own anyway, so the logs of a
+        local step are reduced over this worker's replicas only (no
+        communication); ``reduce`` returns them as they are.
+        """
+        runtime = self._lu_runtime
+
+        def local_mean(value):
+            if isinstance(value, tf.distribute.DistributedValues):
+                components = self.experimental_local_results(value)
+            elif isinstance(value, tf.Tensor):
+                components = (value,)
+            else:
+                return value
+            first = components[0]
+            if first.shape.rank != 0 or not first.dtype.is_floating:
+                return value
+            with tf.device(first.device):
+                mean = tf.add_n(list(components)) / float(len(components))
+            runtime.worker_local_logs[id(mean)] = mean
+            return mean
+
+        return tf.nest.map_structure(local_mean, outputs)
 
     def _group_for(self, params: List[tf.Variable]) -> _SyncGroup:
         runtime = self._lu_runtime
