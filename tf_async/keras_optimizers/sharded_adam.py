@@ -49,7 +49,7 @@ import tensorflow as tf
 from keras import ops
 
 from tf_async import _keras_fit
-from tf_async.keras_optimizers._arguments import check_positive, check_unit_interval, is_number
+from tf_async.keras_optimizers._arguments import check_adam_arguments
 from tf_async.keras_optimizers import _sparse_rows, _zero_collectives, lazy
 from tf_async.keras_optimizers._flat_layout import FlatLayout
 
@@ -143,15 +143,16 @@ class ShardedAdam(keras.optimizers.Adam):
         name: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
-        _validate_arguments(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay)
+        learning_rate = check_adam_arguments(
+            learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay,
+            zero_learning_rate=True, tensor_betas=False,
+        )
         if kwargs.get("gradient_accumulation_steps"):
             raise ValueError(
                 "ShardedAdam does not support `gradient_accumulation_steps` (its "
                 "accumulators would not be sharded). Received: "
                 f"gradient_accumulation_steps={kwargs['gradient_accumulation_steps']!r}"
             )
-        if is_number(learning_rate):
-            learning_rate = float(learning_rate)
         mode = _strategy_mode(tf.distribute.get_strategy())
         if mode == _MODE_PARAMETER_SERVER and kwargs.get("use_ema"):
             raise ValueError(
@@ -668,36 +669,3 @@ def _assign(variable, value):
 
 def _is_rows(gradient) -> bool:
     return isinstance(gradient, tf.IndexedSlices)
-
-
-def _validate_arguments(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay) -> None:
-    """ValueError/TypeError naming the argument and its allowed range."""
-    if is_number(learning_rate):
-        if not np.isfinite(learning_rate) or learning_rate < 0:
-            raise ValueError(
-                "`learning_rate` must be a finite float >= 0, a LearningRateSchedule "
-                f"or a callable. Received: learning_rate={learning_rate}"
-            )
-    elif not (
-        callable(learning_rate)
-        or isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule)
-    ):
-        raise ValueError(
-            "`learning_rate` must be a float >= 0, a LearningRateSchedule or a "
-            f"callable. Received: learning_rate={learning_rate!r}"
-        )
-    check_unit_interval("beta_1", beta_1)
-    check_unit_interval("beta_2", beta_2)
-    check_positive("epsilon", epsilon)
-    if not isinstance(amsgrad, (bool, np.bool_)):
-        raise TypeError(f"`amsgrad` must be a bool. Received: amsgrad={amsgrad!r}")
-    if weight_decay is not None:
-        if not is_number(weight_decay):
-            raise TypeError(
-                "`weight_decay` must be None or a float >= 0. "
-                f"Received: weight_decay={weight_decay!r}"
-            )
-        if not np.isfinite(weight_decay) or weight_decay < 0:
-            raise ValueError(
-                f"`weight_decay` must be None or a float >= 0. Received: weight_decay={weight_decay}"
-            )
