@@ -420,7 +420,7 @@ def test_two_workers_row_sparse_step_counts_tau_and_iterations_exactly(fresh_pro
 
 # The large table of test_table_split_over_two_ps: 1e7 rows x DIM=4 (160 MB table
 # + 160 MB Adagrad slot on 2 PS); TF_ASYNC_BIG_TABLE_ROWS=N for another size. The
-# test takes ~136 s on 2 shared cores at 1e6 and at 1e7 alike (start-up, traces).
+# test took 136 s at 1e6 and 136-169 s at 1e7 on 2 shared cores (start-up, traces).
 BIG_ROWS = int(os.environ.get("TF_ASYNC_BIG_TABLE_ROWS", "10000000"))
 
 

@@ -234,7 +234,7 @@ def test_serialization_by_registered_name():
         (lambda: LazyAdam(gradient_accumulation_steps=2), ValueError,
          "does not support `gradient_accumulation_steps`"),
         (lambda: LazyAdamW(weight_decay=None), ValueError, "`weight_decay` must be a float"),
-        (lambda: LazyAdam(weight_decay=-1.0), ValueError, "`weight_decay` must be None or >= 0"),
+        (lambda: LazyAdam(weight_decay=-1.0), ValueError, "`weight_decay` must be None or a float >= 0"),
         (lambda: LazyAdam(beta_1=1.0), ValueError, "`beta_1` must be in [0, 1)"),
         (lambda: DCAdam(lazy="yes"), TypeError, "`lazy` must be a bool"),
     ],

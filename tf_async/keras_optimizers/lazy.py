@@ -37,9 +37,8 @@ import tensorflow as tf
 from tf_async import _keras_fit
 from tf_async.keras_optimizers import _sparse_rows
 from tf_async.keras_optimizers._arguments import (
+    check_adam_arguments,
     check_learning_rate,
-    check_positive,
-    check_unit_interval,
     check_weight_decay,
 )
 from tf_async.keras_optimizers._exact_step import ExactGlobalStep
@@ -139,18 +138,6 @@ def sgd_momentum_rows(optimizer, momentum_variable, ids, gradient_rows, variable
         _sparse_rows.scatter_add(variable, ids, m_rows)
 
 
-def _check_adam_args(learning_rate, beta_1, beta_2, epsilon, weight_decay, amsgrad):
-    learning_rate = check_learning_rate(learning_rate)
-    for arg, value in (("beta_1", beta_1), ("beta_2", beta_2)):
-        if isinstance(value, numbers.Real):  # Keras also accepts tensors, callables
-            check_unit_interval(arg, value)
-    check_positive("epsilon", epsilon)
-    check_weight_decay(weight_decay)
-    if not isinstance(amsgrad, bool):
-        raise TypeError(f"`amsgrad` must be a bool; received amsgrad={amsgrad!r}.")
-    return learning_rate
-
-
 @keras.saving.register_keras_serializable(package="tf_async")
 class LazyAdam(ExactGlobalStep, keras.optimizers.Adam):
     """Adam whose table rows advance only when looked up (LazyAdam semantics).
@@ -182,8 +169,9 @@ class LazyAdam(ExactGlobalStep, keras.optimizers.Adam):
         name: Optional[str] = None,
         **kwargs,
     ):
-        learning_rate = _check_adam_args(
-            learning_rate, beta_1, beta_2, epsilon, weight_decay, amsgrad
+        learning_rate = check_adam_arguments(
+            learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay,
+            zero_learning_rate=False, tensor_betas=True,
         )
         _reject_accumulation(type(self).__name__, kwargs)
         super().__init__(

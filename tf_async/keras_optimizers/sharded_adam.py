@@ -33,7 +33,13 @@ State placement by strategy:
     device, each holding only that replica's slice.
   * ``tf.distribute.experimental.ParameterServerStrategy`` (and subclasses):
     per-variable slots created beside their variable on the parameter servers
-    (Keras colocates them), so workers hold no optimizer state.
+    (Keras colocates them), so workers hold no optimizer state. A gradient
+    that arrives as rows (``tf.IndexedSlices``: an embedding table under the
+    row-sparse step of ``AsyncParameterServerStrategy``, also one split over
+    several parameter servers) updates only those rows, with LazyAdam
+    semantics (``lazy.adam_rows``: duplicate ids summed, m, v and w of the
+    touched rows only, bias correction at ``iterations + 1`` as Keras Adam);
+    dense gradients get Keras Adam exactly.
 
 Checkpoints (``tf.train.Checkpoint`` and ``model.save``) hold the *logical*
 per-variable m and v (full shapes, Adam's order), so they restore into any N.
@@ -51,8 +57,8 @@ import tensorflow as tf
 from keras import ops
 
 from tf_async import _keras_fit
-from tf_async.keras_optimizers._arguments import check_positive, check_unit_interval, is_number
-from tf_async.keras_optimizers import _zero_collectives
+from tf_async.keras_optimizers._arguments import check_adam_arguments
+from tf_async.keras_optimizers import _sparse_rows, _zero_collectives, lazy
 from tf_async.keras_optimizers._flat_layout import FlatLayout
 
 _MODE_SHARDED = "sharded"
@@ -161,15 +167,16 @@ class ShardedAdam(keras.optimizers.Adam):
         name: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
-        _validate_arguments(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay)
+        learning_rate = check_adam_arguments(
+            learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay,
+            zero_learning_rate=True, tensor_betas=False,
+        )
         if kwargs.get("gradient_accumulation_steps"):
             raise ValueError(
                 "ShardedAdam does not support `gradient_accumulation_steps` (its "
                 "accumulators would not be sharded). Received: "
                 f"gradient_accumulation_steps={kwargs['gradient_accumulation_steps']!r}"
             )
-        if is_number(learning_rate):
-            learning_rate = float(learning_rate)
         mode = _strategy_mode(tf.distribute.get_strategy())
         if mode == _MODE_PARAMETER_SERVER and kwargs.get("use_ema"):
             raise ValueError(
@@ -430,6 +437,20 @@ class ShardedAdam(keras.optimizers.Adam):
             name=f"{path.replace('/', '_')}_{name or 'var'}",
         )
 
+    @property
+    def updates_only_touched_rows(self) -> bool:
+        """Under a parameter-server strategy: a table's rows not in the batch
+        keep their weights and slots (LazyAdam semantics for row gradients)."""
+        return self._mode == _MODE_PARAMETER_SERVER
+
+    def _update_rows(self, gradient, variable, learning_rate) -> None:
+        """LazyAdam on the rows of an ``IndexedSlices`` gradient (PS mode),
+        on the variable's device(s); ``ShardedVariable`` scatters split the rows
+        over the shards."""
+        ids, rows = _sparse_rows.unique_rows(gradient, variable.dtype)
+        lazy.decay(self, variable, learning_rate, ids)
+        lazy.adam_rows(self, ids, rows, variable, learning_rate, self.iterations + 1)
+
     def _update_partitioned(self, gradient, variable, learning_rate) -> None:
         """Keras Adam's update_step, run shard by shard on the parameter servers."""
         shards = _keras_fit.variable_shards(variable)
@@ -489,26 +510,28 @@ class ShardedAdam(keras.optimizers.Adam):
 
     # ----------------------------------------------------------- the update
     def _apply_weight_decay(self, variables) -> None:
-        # Sharded mode folds the (decoupled) decay into the sliced update;
-        # partitioned PS variables get it in `_update_partitioned`.
-        if self._mode != _MODE_SHARDED:
-            super()._apply_weight_decay(
-                [v for v in variables if _keras_fit.variable_shards(v) is None]
-            )
+        # Sharded mode folds the (decoupled) decay into the sliced update.
+        # Parameter-server mode decays each variable in `_backend_update_step`
+        # (dense: all of it, as Keras; rows: only the touched ones).
+        del variables
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate) -> None:
         if self._mode != _MODE_SHARDED:
             plain = [
                 (g, v)
                 for g, v in zip(grads, trainable_variables)
-                if _keras_fit.variable_shards(v) is None
+                if _keras_fit.variable_shards(v) is None and not _is_rows(g)
             ]
+            for _, v in plain:  # Keras' _apply_weight_decay, variable by variable
+                lazy.decay(self, v, learning_rate)
             if plain:
                 super()._backend_update_step(
                     [g for g, _ in plain], [v for _, v in plain], learning_rate
                 )
             for g, v in zip(grads, trainable_variables):
-                if _keras_fit.variable_shards(v) is not None:
+                if _is_rows(g):
+                    self._update_rows(g, v, learning_rate)
+                elif _keras_fit.variable_shards(v) is not None:
                     self._update_partitioned(g, v, learning_rate)
             return
         context = tf.distribute.get_replica_context()
@@ -702,34 +725,5 @@ def _assign(variable, value):
     return variable.assign(value)
 
 
-def _validate_arguments(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay) -> None:
-    """ValueError/TypeError naming the argument and its allowed range."""
-    if is_number(learning_rate):
-        if not np.isfinite(learning_rate) or learning_rate < 0:
-            raise ValueError(
-                "`learning_rate` must be a finite float >= 0, a LearningRateSchedule "
-                f"or a callable. Received: learning_rate={learning_rate}"
-            )
-    elif not (
-        callable(learning_rate)
-        or isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule)
-    ):
-        raise ValueError(
-            "`learning_rate` must be a float >= 0, a LearningRateSchedule or a "
-            f"callable. Received: learning_rate={learning_rate!r}"
-        )
-    check_unit_interval("beta_1", beta_1)
-    check_unit_interval("beta_2", beta_2)
-    check_positive("epsilon", epsilon)
-    if not isinstance(amsgrad, (bool, np.bool_)):
-        raise TypeError(f"`amsgrad` must be a bool. Received: amsgrad={amsgrad!r}")
-    if weight_decay is not None:
-        if not is_number(weight_decay):
-            raise TypeError(
-                "`weight_decay` must be None or a float >= 0. "
-                f"Received: weight_decay={weight_decay!r}"
-            )
-        if not np.isfinite(weight_decay) or weight_decay < 0:
-            raise ValueError(
-                f"`weight_decay` must be None or a float >= 0. Received: weight_decay={weight_decay}"
-            )
+def _is_rows(gradient) -> bool:
+    return isinstance(gradient, tf.IndexedSlices)
