@@ -352,6 +352,21 @@ def _child_short_finite_dataset():
     _, caught = _warned(lambda: model.fit(lambda: finite_fn().repeat(), epochs=2,
                                           steps_per_epoch=3, verbose=0))
     r["fn_repeated_warnings"] = [w for w in caught if "finite dataset" in w]
+
+    # 17.5: logs refreshed every step (log_every_steps=1) show only measured
+    # values: before the first step of an epoch finishes, none (no 0.0 loss).
+    class Record(keras.callbacks.Callback):
+        seen: list = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seen.append(dict(logs or {}))
+
+    strategy._log_every_steps = 1  # test only: refresh after every batch
+    with strategy.scope():
+        fresh = _model()
+        compile_(fresh)
+    fresh.fit(finite.repeat(), epochs=2, steps_per_epoch=10, verbose=0, callbacks=[Record()])
+    r["batch_logs"] = Record.seen
     return r
 
 
@@ -371,3 +386,7 @@ def test_short_finite_dataset_stops_the_epoch_as_keras(fresh_process):
     assert len(r["fn_warnings"]) == 1 and "each worker repeats" in r["fn_warnings"][0]
     assert r["fn_iterations"] == 6
     assert r["fn_repeated_warnings"] == []
+    logs = r["batch_logs"]
+    assert len(logs) == 20
+    measured = [entry for entry in logs if entry]
+    assert all(entry["loss"] > 0 for entry in measured), logs  # never a 0.0 placeholder

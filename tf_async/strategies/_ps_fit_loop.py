@@ -215,8 +215,10 @@ def run_fit(
     log_every = strategy.log_every_steps
     refresh_seconds = 2.0  # without log_every_steps: refresh logs by time
 
-    def read_logs() -> dict:
+    def read_logs(final: bool = False) -> dict:
         results, counts = state.read_results()
+        if not final and int(counts[2]) + int(counts[3]) == 0:
+            return {}  # no step of this epoch has finished: nothing measured yet
         logs = _floats(results)
         logs.update(PSCounters.stats_from(*counts))
         return logs
@@ -262,7 +264,7 @@ def run_fit(
             if seen >= per_pass:
                 seen = 0
         coordinator.join()
-        epoch_logs = read_logs()
+        epoch_logs = read_logs(final=True)
         if validation_data is not None and _keras_fit.should_eval(
             model, epoch, validation_freq
         ):
