@@ -367,6 +367,20 @@ def _child_short_finite_dataset():
         compile_(fresh)
     fresh.fit(finite.repeat(), epochs=2, steps_per_epoch=10, verbose=0, callbacks=[Record()])
     r["batch_logs"] = Record.seen
+
+    # EMA: fit ends with finalize_variable_values, as Keras' fit (the weights
+    # after fit are the averages); equal to Keras' own fit with one worker.
+    def ema_fit(model):
+        model.set_weights(initial)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5),
+                      loss="sparse_categorical_crossentropy")
+        model.fit(finite.repeat(), epochs=1, steps_per_epoch=6, verbose=0)
+        return model.get_weights()
+
+    keras_ema = ema_fit(_model())
+    with strategy.scope():
+        got_ema = ema_fit(_model())
+    r["ema_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(got_ema, keras_ema))
     return r
 
 
@@ -390,3 +404,4 @@ def test_short_finite_dataset_stops_the_epoch_as_keras(fresh_process):
     assert len(logs) == 20
     measured = [entry for entry in logs if entry]
     assert all(entry["loss"] > 0 for entry in measured), logs  # never a 0.0 placeholder
+    assert r["ema_diff"] < 1e-5

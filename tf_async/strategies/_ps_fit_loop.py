@@ -283,6 +283,10 @@ def run_fit(
         if model.stop_training:
             break
     coordinator.join()
+    if isinstance(model.optimizer, keras.optimizers.Optimizer) and epochs > 0:
+        # As Keras' fit: e.g. `use_ema=True` copies the averages into the
+        # weights (eagerly, on the coordinator: the variables are on the PS).
+        model.optimizer.finalize_variable_values(model.trainable_weights)
     callbacks.on_train_end(logs=training_logs)
     return model.history
 
