@@ -281,6 +281,9 @@ def test_aps_tf_distribute_internals_exist():
     assert _keras_fit.is_distributed_data(iter(distributed))
     assert not _keras_fit.is_distributed_data(data)
     assert not _keras_fit.is_distributed_data(lambda: data)
+    # stranded_on_localhost reads an eager dataset's variant-tensor device.
+    assert isinstance(data._variant_tensor.device, str)
+    assert not _keras_fit.stranded_on_localhost([data])  # not connected to a cluster
     extended = parameter_server_strategy_v2.ParameterServerStrategyV2Extended
     assert hasattr(extended, "_update") and hasattr(extended, "colocate_vars_with")
     for op in ("ResourceCountUpTo", "ResourceScatterMax", "ResourceScatterUpdate",

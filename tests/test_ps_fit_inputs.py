@@ -140,33 +140,11 @@ def _child_chief_side():
     r["eager_eval_ref"] = _reference(initial, dict(optimizer="sgd", **compiled)).evaluate(
         x, y, verbose=0, return_dict=True)
 
-    # 18.6: no trainable weights: Keras' warning, and fit runs (moving statistics
-    # and metrics). Identical full batches: the result does not depend on order.
-    full = tf.data.Dataset.from_tensor_slices((x, x)).batch(64).repeat()
-
-    def frozen():
-        model = keras.Sequential([keras.Input((N,)),
-                                  keras.layers.BatchNormalization(center=False, scale=False)])
-        model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
-        return model
-
-    with strategy.scope():
-        no_trainable = frozen()
-    got, r["frozen_warnings"] = _warned(lambda: _error(lambda: r.setdefault(
-        "frozen_history", no_trainable.fit(full, steps_per_epoch=5, verbose=0).history)))
-    r["frozen_error"] = got
-    keras_frozen = frozen()
-    r["frozen_ref_history"], r["frozen_ref_warnings"] = _warned(
-        lambda: keras_frozen.fit(full, steps_per_epoch=5, verbose=0).history)
-    r["frozen_moving_mean_diff"] = float(np.abs(
-        no_trainable.layers[0].moving_mean.numpy()
-        - keras_frozen.layers[0].moving_mean.numpy()).max())
-    r["frozen_moved"] = float(np.abs(keras_frozen.layers[0].moving_mean.numpy()).max())
     return r
 
 
 @pytest.mark.slow
-def test_chief_side_inputs_jit_slots_eager_distributed_and_frozen(fresh_process):
+def test_chief_side_inputs_jit_slots_eager_and_distributed(fresh_process):
     r = fresh_process(_child_chief_side, timeout=300)
     # 18.3
     assert r["eval_first"] == ""
@@ -201,14 +179,6 @@ def test_chief_side_inputs_jit_slots_eager_distributed_and_frozen(fresh_process)
     # 18.4
     assert r["eager_fit"].startswith("ValueError") and "run_eagerly" in r["eager_fit"]
     assert r["eager_eval"]["loss"] == pytest.approx(r["eager_eval_ref"]["loss"], rel=1e-6)
-    # 18.6
-    assert r["frozen_error"] == ""
-    message = "The model does not have any trainable weights."
-    assert message in r["frozen_ref_warnings"]  # Keras' own warning ...
-    assert r["frozen_warnings"].count(message) == 1  # ... once per fit here
-    assert r["frozen_moved"] > 1e-3 and r["frozen_moving_mean_diff"] < 1e-6
-    np.testing.assert_allclose(r["frozen_history"]["loss"], r["frozen_ref_history"]["loss"],
-                               rtol=1e-5)
 
 
 # ------------------------------------------- 17.3: every order of calls
@@ -352,11 +322,63 @@ def _child_short_finite_dataset():
     _, caught = _warned(lambda: model.fit(lambda: finite_fn().repeat(), epochs=2,
                                           steps_per_epoch=3, verbose=0))
     r["fn_repeated_warnings"] = [w for w in caught if "finite dataset" in w]
+
+    # 17.5: logs refreshed every step (log_every_steps=1) show only measured
+    # values: before the first step of an epoch finishes, none (no 0.0 loss).
+    class Record(keras.callbacks.Callback):
+        seen: list = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seen.append(dict(logs or {}))
+
+    strategy._log_every_steps = 1  # test only: refresh after every batch
+    with strategy.scope():
+        fresh = _model()
+        compile_(fresh)
+    fresh.fit(finite.repeat(), epochs=2, steps_per_epoch=10, verbose=0, callbacks=[Record()])
+    r["batch_logs"] = Record.seen
+
+    # EMA: fit ends with finalize_variable_values, as Keras' fit (the weights
+    # after fit are the averages); equal to Keras' own fit with one worker.
+    def ema_fit(model):
+        model.set_weights(initial)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5),
+                      loss="sparse_categorical_crossentropy")
+        model.fit(finite.repeat(), epochs=1, steps_per_epoch=6, verbose=0)
+        return model.get_weights()
+
+    keras_ema = ema_fit(_model())
+    with strategy.scope():
+        got_ema = ema_fit(_model())
+    r["ema_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(got_ema, keras_ema))
+
+    # 18.6: no trainable weights: Keras' warning, and fit runs (moving statistics
+    # and metrics); one worker: equal to Keras' fit.
+    full = tf.data.Dataset.from_tensor_slices((x, x)).batch(64).repeat()
+
+    def frozen():
+        model = keras.Sequential([keras.Input((N,)),
+                                  keras.layers.BatchNormalization(center=False, scale=False)])
+        model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+        return model
+
+    with strategy.scope():
+        no_trainable = frozen()
+    got, r["frozen_warnings"] = _warned(lambda: _error(lambda: r.setdefault(
+        "frozen_history", no_trainable.fit(full, steps_per_epoch=5, verbose=0).history)))
+    r["frozen_error"] = got
+    keras_frozen = frozen()
+    r["frozen_ref_history"], r["frozen_ref_warnings"] = _warned(
+        lambda: keras_frozen.fit(full, steps_per_epoch=5, verbose=0).history)
+    r["frozen_moving_mean_diff"] = float(np.abs(
+        no_trainable.layers[0].moving_mean.numpy()
+        - keras_frozen.layers[0].moving_mean.numpy()).max())
+    r["frozen_moved"] = float(np.abs(keras_frozen.layers[0].moving_mean.numpy()).max())
     return r
 
 
 @pytest.mark.slow
-def test_short_finite_dataset_stops_the_epoch_as_keras(fresh_process):
+def test_short_finite_dataset_progress_logs_ema_and_no_trainable_weights_as_keras(fresh_process):
     r = fresh_process(_child_short_finite_dataset, timeout=300)
     assert r["cut_second_epoch"]["iterations"] == (7, 7)  # 3 + 1 (ran out) + 3
     assert r["cut_second_epoch"]["ran_out"] == (1, 1)
@@ -371,3 +393,16 @@ def test_short_finite_dataset_stops_the_epoch_as_keras(fresh_process):
     assert len(r["fn_warnings"]) == 1 and "each worker repeats" in r["fn_warnings"][0]
     assert r["fn_iterations"] == 6
     assert r["fn_repeated_warnings"] == []
+    logs = r["batch_logs"]
+    assert len(logs) == 20
+    measured = [entry for entry in logs if entry]
+    assert all(entry["loss"] > 0 for entry in measured), logs  # never a 0.0 placeholder
+    assert r["ema_diff"] < 1e-5
+    # 18.6
+    assert r["frozen_error"] == ""
+    message = "The model does not have any trainable weights."
+    assert message in r["frozen_ref_warnings"]  # Keras' own warning ...
+    assert r["frozen_warnings"].count(message) == 1  # ... once per fit here
+    assert r["frozen_moved"] > 1e-3 and r["frozen_moving_mean_diff"] < 1e-6
+    np.testing.assert_allclose(r["frozen_history"]["loss"], r["frozen_ref_history"]["loss"],
+                               rtol=1e-5)

@@ -216,8 +216,10 @@ def run_fit(
     log_every = strategy.log_every_steps
     refresh_seconds = 2.0  # without log_every_steps: refresh logs by time
 
-    def read_logs() -> dict:
+    def read_logs(final: bool = False) -> dict:
         results, counts = state.read_results()
+        if not final and int(counts[2]) + int(counts[3]) == 0:
+            return {}  # no step of this epoch has finished: nothing measured yet
         logs = _floats(results)
         logs.update(PSCounters.stats_from(*counts))
         return logs
@@ -263,7 +265,7 @@ def run_fit(
             if seen >= per_pass:
                 seen = 0
         coordinator.join()
-        epoch_logs = read_logs()
+        epoch_logs = read_logs(final=True)
         if validation_data is not None and _keras_fit.should_eval(
             model, epoch, validation_freq
         ):
@@ -282,6 +284,10 @@ def run_fit(
         if model.stop_training:
             break
     coordinator.join()
+    if isinstance(model.optimizer, keras.optimizers.Optimizer) and epochs > 0:
+        # As Keras' fit: e.g. `use_ema=True` copies the averages into the
+        # weights (eagerly, on the coordinator: the variables are on the PS).
+        model.optimizer.finalize_variable_values(model.trainable_weights)
     callbacks.on_train_end(logs=training_logs)
     return model.history
 
