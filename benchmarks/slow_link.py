@@ -371,7 +371,7 @@ def _plot(runs, path, args) -> None:
     target = runs[0]["sync"]["curve"][-1]["val_loss"]
     top = max(r["curve"][1]["val_loss"] for modes in runs for r in modes.values())
     for ax in (ax_t, ax_s):
-        ax.set_ylim(target - 0.25 * (top - target), top + 0.05 * (top - target))
+        ax.set_ylim(target - 0.25 * (top - target), top + 1.5 * (top - target))
         ax.axhline(target, color="grey", linestyle=":", linewidth=1)
         ax.set_ylabel("validation loss (nats/byte)")
         ax.legend()
