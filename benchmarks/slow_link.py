@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--link_mbit", type=_positive_float, default=100.0)
     p.add_argument("--steps", type=positive_int, default=None,
                    help="training steps of sync (default 128 quick, 512 full)")
-    p.add_argument("--local_steps_factor", type=_positive_float, default=1.5,
+    p.add_argument("--local_steps_factor", type=_positive_float, default=2.0,
                    help="local modes train this many times sync's steps (to reach its loss)")
     p.add_argument("--eval_every", type=positive_int, default=64)
     p.add_argument("--batch", type=positive_int, default=16, help="per-worker batch")
@@ -352,7 +352,7 @@ def _print(per_run, args, info) -> None:
         print(f"diloco_speedup_to_sync_loss: {statistics.median(speedups):.2f}")
 
 
-def _plot(runs, path) -> None:
+def _plot(runs, path, args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -369,7 +369,9 @@ def _plot(runs, path) -> None:
             ax_s.plot([p["step"] for p in curve], [p["val_loss"] for p in curve],
                       color=colours.get(mode), marker=".", label=label, alpha=0.8)
     target = runs[0]["sync"]["curve"][-1]["val_loss"]
+    top = max(r["curve"][1]["val_loss"] for modes in runs for r in modes.values())
     for ax in (ax_t, ax_s):
+        ax.set_ylim(target - 0.25 * (top - target), top + 1.5 * (top - target))
         ax.axhline(target, color="grey", linestyle=":", linewidth=1)
         ax.set_ylabel("validation loss (nats/byte)")
         ax.legend()
@@ -379,7 +381,8 @@ def _plot(runs, path) -> None:
     meta = runs[0]["sync"]
     fig.suptitle(
         f"byte-level transformer LM ({meta['params']} params) on the Python stdlib, "
-        "2 worker processes over a 20 ms / 100 Mbit/s relay"
+        f"{args.workers} worker processes over a {args.link_latency_ms:g} ms / "
+        f"{args.link_mbit:g} Mbit/s relay ({len(runs)} runs)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -393,6 +396,11 @@ def main(argv=None) -> None:
         args.steps = 128 if args.quick else 512
     if args.worker:
         _worker(args)
+        return
+    if args.eval_every % 64 and not args.from_json:
+        # An evaluation (an epoch end) forces a sync: between two of them, a
+        # DiLoCo period of 64 steps would be cut short.
+        parser.error(f"argument --eval_every: must be a multiple of 64, got {args.eval_every}")
         return
     modes = [m for m in args.modes.split(",") if m]
     for mode in modes:
@@ -426,7 +434,7 @@ def main(argv=None) -> None:
     per_run = _summarise(runs, args)
     _print(per_run, args, runs[0]["sync"]["corpus"])
     if args.plot:
-        _plot(runs, args.plot)
+        _plot(runs, args.plot, args)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,11 @@ Limitations (Keras 3.15 / TF 2.21):
 * A callback that saves every N batches mid-period (``ModelCheckpoint``
   with an integer ``save_freq``) writes replica 0's weights; use
   ``strategy.checkpoint()`` in a ``tf.train.Checkpoint`` for exact resume.
+* Under MultiWorkerMirrored, a local step's logs (loss, metrics,
+  ``local_divergence`` as callbacks and ``History`` see them) are this
+  worker's mean over its replicas: Keras would reduce each logged value
+  across workers every step, a collective per value per step
+  (``_worker_local_logs``). ``evaluate`` and metric results stay global.
 * Only trainable variables (and, optionally, their optimizer slots) are
   local; non-trainable ones keep the base strategy's behaviour.
 * TPUStrategy is supported by construction but untested here (no TPU); the
