@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(REPO, "examples"))
 OUT = os.path.join(REPO, "docs", "images")
 
 # Sync-best learning rates of benchmarks/staleness_quality.py (validation grid).
-SGD_LR, MOMENTUM, ADAM_LR = 0.1, 0.9, 3e-3
+SGD_LR, MOMENTUM, ADAM_LR = 0.1, 0.9, 1e-3
 
 
 def _loss_curve(kind: str, workers: int, steps: int, every: int, lr: float):

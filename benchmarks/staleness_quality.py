@@ -129,6 +129,8 @@ def main() -> None:
     def over_seeds(base, method, lr, workers, first):
         tests = [first["test"]] + [
             train(base, method, lr, workers, data, args, seed)["test"] for seed in seeds[1:]]
+        print(f"  {base:12} {method:20} M={workers:<3} lr {lr:g} test per seed: "
+              + ", ".join(f"{t:.1f}" for t in tests), flush=True)  # kept if a run dies
         return float(np.mean(tests)), float(min(tests)), float(max(tests))
 
     rows = []  # (base, M, method, lr, mean, lo, hi)
