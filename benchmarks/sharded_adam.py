@@ -1,7 +1,10 @@
 """Benchmark: ShardedAdam (ZeRO-1) vs keras.optimizers.Adam under MirroredStrategy.
 
 For each replica count N (a separate process per N, its CPU split into N
-logical devices, default MirroredStrategy), measures in the same run:
+logical devices, default MirroredStrategy), and for a 2-process
+MultiWorkerMirroredStrategy with 2 logical CPUs per process (N = 4, launched
+with ``tf_async.launch``; row ``MWMS 2x2``, custom training loop, see
+``_mwms_child``; ``--no_mwms`` skips it), measures in the same run:
 
 * exact optimizer-state bytes per replica device: every component of every
   optimizer variable (iterations and learning rate included), summed by the
@@ -157,11 +160,124 @@ def _child(num_replicas: int, width: int, depth: int, steps: int, rounds: int) -
     return result
 
 
+def _mwms_child(width: int, depth: int, steps: int, rounds: int) -> dict:
+    """One worker of a 2-process MultiWorkerMirroredStrategy, 2 CPU devices each.
+
+    TF gives a CPU worker one device; the two logical CPUs are handed to the
+    strategy by overriding ``_initialize_local_devices`` (as in
+    tests/_sharded_adam_mwms_script.py). Keras 3.15's ``fit`` cannot start
+    with several local devices under MultiWorkerMirrored (its symbolic build
+    reduces a tuple of PerReplica batches), so the step is a custom loop:
+    ``optimizer.apply`` under ``strategy.run``, timed the same way for both.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    from tensorflow.python.distribute import collective_all_reduce_strategy as cars
+
+    local = 2
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * local
+    )
+
+    def local_devices(self, cluster_resolver, worker_device):
+        return tuple(f"{worker_device}/device:CPU:{i}" for i in range(local)), "CPU"
+
+    cars.CollectiveAllReduceExtended._initialize_local_devices = local_devices
+    import keras
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    from tf_async.keras_optimizers import ShardedAdam, _zero_collectives
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    num_replicas = strategy.num_replicas_in_sync
+    per_replica_batch = 8
+    rng = np.random.default_rng(strategy.cluster_resolver.task_id)
+    x = tf.constant(rng.normal(size=(per_replica_batch, width)).astype("float32"))
+    y = tf.constant(rng.normal(size=(per_replica_batch, width)).astype("float32"))
+
+    def build(make_optimizer):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            layers = [keras.Input((width,)), keras.layers.Dense(width + 3, activation="relu")]
+            layers += [keras.layers.Dense(width, activation="relu") for _ in range(depth - 2)]
+            layers += [keras.layers.Dense(width)]
+            model = keras.Sequential(layers)
+            optimizer = make_optimizer()
+            optimizer.build(model.trainable_variables)
+
+        @tf.function
+        def step(x, y):
+            def replica_fn(x, y):
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean(tf.square(model(x) - y))
+                grads = tape.gradient(loss, model.trainable_variables)
+                optimizer.apply(grads, model.trainable_variables)
+
+            strategy.run(replica_fn, args=(x, y))
+
+        return model, optimizer, step
+
+    runs = {
+        "adam": build(lambda: keras.optimizers.Adam(1e-3)),
+        "sharded": build(lambda: ShardedAdam(1e-3)),
+    }
+    result = {"N": num_replicas, "label": f"MWMS 2x{local}"}
+    spec = tf.TensorSpec([per_replica_batch, width], tf.float32)
+    for name, (model, optimizer, step) in runs.items():
+        with _zero_collectives.count_bytes(strategy) as counter:
+            step.get_concrete_function(spec, spec)
+        result[f"{name}_reduction_input_bytes"] = counter.input_bytes()
+        result[f"{name}_reduction_wire_bytes"] = counter.wire_bytes(num_replicas)
+    result["param_bytes"] = sum(
+        int(np.prod(v.shape)) * 4 for v in runs["adam"][0].trainable_weights
+    )
+
+    def run_steps(name):
+        step = runs[name][2]
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(x, y)
+        runs[name][0].trainable_weights[0].numpy()  # wait for the last step
+        return (time.perf_counter() - start) / steps
+
+    for name in runs:
+        run_steps(name)
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name in runs:
+            times[name].append(run_steps(name))
+    for name, (model, optimizer, _) in runs.items():
+        variables = (
+            optimizer.state_variables()
+            if isinstance(optimizer, ShardedAdam)
+            else [v.value for v in optimizer.variables]
+        )
+        per_device: dict = {}
+        for variable in variables:
+            for component in strategy.experimental_local_results(variable):
+                size = int(np.prod(component.shape)) * component.dtype.size
+                device = tf.DeviceSpec.from_string(component.device).to_string()
+                per_device[device] = per_device.get(device, 0) + size
+        result[f"{name}_state_bytes_per_replica"] = max(per_device.values())
+        result[f"{name}_step_s"] = float(np.min(times[name]))
+    a, b = runs["adam"][0], runs["sharded"][0]
+    result["max_weight_diff"] = max(
+        float(np.max(np.abs(u.numpy() - w.numpy())))
+        for u, w in zip(a.trainable_weights, b.trainable_weights)
+    )
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model, < 2 minutes")
     parser.add_argument("--replicas", default=None, help="comma list, default 2,4,8")
     parser.add_argument("--child", type=non_negative_int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mwms_child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no_mwms", action="store_true",
+                        help="skip the 2-process MultiWorkerMirrored row")
     parser.add_argument("--width", type=positive_int, default=None)
     parser.add_argument("--depth", type=positive_int, default=None)
     parser.add_argument("--steps", type=positive_int, default=None)
@@ -174,6 +290,11 @@ def main() -> None:
 
     if args.child is not None:
         print("RESULT " + json.dumps(_child(args.child, width, depth, steps, rounds)))
+        return
+    if args.mwms_child:
+        result = _mwms_child(width, depth, steps, rounds)
+        if os.environ.get("TF_ASYNC_TASK", "worker:0") == "worker:0":
+            print("RESULT " + json.dumps(result), flush=True)
         return
 
     replicas = [int(n) for n in (args.replicas or "2,4,8").split(",")]
@@ -191,6 +312,24 @@ def main() -> None:
             raise SystemExit(f"child for N={n} failed (exit {output.returncode})")
         results.append(json.loads(lines[-1][len("RESULT "):]))
 
+    if not args.no_mwms:
+        command = [
+            sys.executable, "-m", "tf_async.launch", "--workers", "2", "--ps", "0", "--",
+            os.path.abspath(__file__), "--mwms_child",
+            "--width", str(width), "--depth", str(depth),
+            "--steps", str(steps), "--rounds", str(rounds),
+        ]
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("TF_CONFIG", None)
+        output = subprocess.run(
+            command, capture_output=True, text=True, check=False, env=env, cwd=ROOT
+        )
+        lines = [l for l in output.stdout.splitlines() if "RESULT " in l]
+        if output.returncode != 0 or not lines:
+            sys.stderr.write((output.stdout + output.stderr)[-3000:])
+            raise SystemExit(f"MultiWorkerMirrored run failed (exit {output.returncode})")
+        results.append(json.loads(lines[-1].split("RESULT ", 1)[1]))
+
     print(f"model: {depth} Dense layers, width {width}; P = {results[0]['param_bytes']} bytes")
     print("N  adam_state/replica  sharded_state/replica  limit(2P/N)  sharded/limit"
           "  adam_step_ms  sharded_step_ms  ratio  max|dw|"
@@ -204,7 +343,7 @@ def main() -> None:
         time_ratio = r["sharded_step_s"] / r["adam_step_s"]
         worst_state, worst_time = max(worst_state, state_ratio), max(worst_time, time_ratio)
         print(
-            f"{r['N']:<2} {r['adam_state_bytes_per_replica']:>18} "
+            f"{r.get('label', r['N'])!s:<2} {r['adam_state_bytes_per_replica']:>18} "
             f"{r['sharded_state_bytes_per_replica']:>22} {limit:>12.0f} {state_ratio:>14.5f}"
             f"  {1e3 * r['adam_step_s']:>12.2f} {1e3 * r['sharded_step_s']:>16.2f}"
             f"  {time_ratio:>5.3f}  {r['max_weight_diff']:.1e}"

@@ -14,8 +14,14 @@ be on a TPU — this is how the script is tested without a TPU.
 Modes:
   local_sgd — ``tf_async.strategies.LocalUpdateStrategy(base, sync_every=H,
               averaging=--averaging)`` with a stock Keras optimizer.
-  sharded   — ``tf_async.keras_optimizers.ShardedAdam`` (ZeRO-1 state) under
-              the base strategy.
+  sharded   — ``tf_async.keras_optimizers.ShardedAdam`` under TPUStrategy:
+              each TPU replica keeps 1/N of Adam's m and v, the gradient is
+              reduce-scattered (XLA AllToAll) and the parameters all-gathered,
+              with the TPU's dynamic replica id (static slice sizes). Not run
+              on a TPU here (none available): that path is exercised on CPU
+              by tests that force a dynamic replica id under MirroredStrategy
+              and under jit_compile on one replica. The ``local_cpu_test``
+              stand-in has one replica, where ShardedAdam is plain Adam.
 Prints ``test_accuracy: X`` last.
 """
 

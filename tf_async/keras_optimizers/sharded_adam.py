@@ -27,10 +27,14 @@ a third sharded slot. Model variables are grouped by dtype; each group is
 flattened and padded by at most N − 1 elements (``_flat_layout.FlatLayout``).
 
 State placement by strategy:
-  * no strategy / default / ``OneDeviceStrategy`` / ``MirroredStrategy``: the
-    sharded scheme above (N = number of replicas; N = 1 is plain Adam). The
-    slices are ``ON_READ`` / ``NONE`` variables: one component per replica
-    device, each holding only that replica's slice.
+  * no strategy / default / ``OneDeviceStrategy`` / ``MirroredStrategy`` /
+    ``MultiWorkerMirroredStrategy`` / ``TPUStrategy``: the sharded scheme
+    above (N = number of replicas in sync; N = 1 is plain Adam). The slices
+    are ``ON_READ`` / ``NONE`` variables: one component per replica device,
+    each holding only that replica's slice. Under MultiWorkerMirrored a
+    worker holds its own replicas' slices (global shard = replica id in sync);
+    reading the logical state all-gathers the others (``_shard_values``).
+    TPUStrategy is untested (no TPU); its dynamic replica id is tested on CPU.
   * ``tf.distribute.experimental.ParameterServerStrategy`` (and subclasses):
     per-variable slots created beside their variable on the parameter servers
     (Keras colocates them), so workers hold no optimizer state. A gradient
@@ -557,6 +561,19 @@ class ShardedAdam(keras.optimizers.Adam):
         context = tf.distribute.get_replica_context()
         num_shards = self.num_shards
         replica = _zero_collectives.replica_id(context)
+        # IndexedSlices gradients (embedding lookups) are densified here, before
+        # the reduce-scatter. Keeping them sparse would mean, per step, an
+        # all-gather of every replica's (indices, rows) of a dynamic count —
+        # what TF itself does for IndexedSlices under Mirrored/Collective
+        # ops — followed by each replica summing the rows that fall into its
+        # contiguous slice (slices of the flat layout cut through rows). That
+        # moves (N−1)·nnz·(row + index bytes) per replica instead of the dense
+        # (N−1)/N·table bytes, a win only while N·nnz < rows, and the
+        # dynamic sizes need padding to a static bound for the all-to-all and
+        # for XLA/TPU. The update itself stays dense either way: Keras' Adam
+        # decays every element of m and v every step (a sparse gradient is
+        # zero elsewhere, not absent). Not implemented; see
+        # docs/sharded_adam.md.
         grad_of = {
             self._get_variable_index(v): (
                 tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
