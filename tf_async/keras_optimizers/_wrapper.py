@@ -85,6 +85,21 @@ class InnerOptimizerWrapper(keras.optimizers.Optimizer):
 
         return staleness.predicted_read(self.inner_optimizer, variable, value, horizon, ids)
 
+    def get_config(self) -> dict:
+        """``name`` and the serialized ``inner``; subclasses add their own."""
+        return {
+            "name": self.name,
+            "inner": keras.saving.serialize_keras_object(self.inner_optimizer),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("inner"), custom_objects=custom_objects
+        )
+        return cls(inner, **config)
+
     def _build_on_first_apply(self, trainable_variables) -> None:
         if self.built:
             return

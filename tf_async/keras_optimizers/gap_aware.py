@@ -172,16 +172,7 @@ class GapAware(_wrapper.InnerOptimizerWrapper):
 
     def get_config(self) -> dict:
         return {
-            "name": self.name,
-            "inner": keras.saving.serialize_keras_object(self.inner_optimizer),
+            **super().get_config(),
             "step_average": self.step_average,
             "epsilon": self.epsilon,
         }
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        inner = keras.saving.deserialize_keras_object(
-            config.pop("inner"), custom_objects=custom_objects
-        )
-        return cls(inner, **config)

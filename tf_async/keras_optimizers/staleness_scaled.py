@@ -134,16 +134,7 @@ class StalenessScaled(_wrapper.InnerOptimizerWrapper):
 
     def get_config(self) -> dict:
         return {
-            "name": self.name,
-            "inner": keras.saving.serialize_keras_object(self.inner_optimizer),
+            **super().get_config(),
             "policy": self.policy,
             "beta": self.beta,
         }
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        inner = keras.saving.deserialize_keras_object(
-            config.pop("inner"), custom_objects=custom_objects
-        )
-        return cls(inner, **config)
