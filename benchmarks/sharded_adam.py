@@ -48,6 +48,62 @@ from _flags import non_negative_int, positive_int  # noqa: E402 (benchmarks/ is 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _dense_stack(width: int, depth: int):
+    """The benchmark's MLP (+3 units on the first layer: sizes that do not divide N)."""
+    import keras
+
+    layers = [keras.Input((width,)), keras.layers.Dense(width + 3, activation="relu")]
+    layers += [keras.layers.Dense(width, activation="relu") for _ in range(depth - 2)]
+    layers += [keras.layers.Dense(width)]
+    return keras.Sequential(layers)
+
+
+def _apply_step(strategy, model, optimizer):
+    """One custom-loop train step: ``optimizer.apply`` under ``strategy.run``."""
+    import tensorflow as tf
+
+    @tf.function
+    def step(x, y):
+        def replica_fn(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(x) - y))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply(grads, model.trainable_variables)
+
+        strategy.run(replica_fn, args=(x, y))
+
+    return step
+
+
+def _state_bytes_per_device(strategy, optimizer) -> dict:
+    """Bytes of optimizer state held on each (local) replica device."""
+    import numpy as np
+    import tensorflow as tf
+    from tf_async.keras_optimizers import ShardedAdam
+
+    if isinstance(optimizer, ShardedAdam):
+        variables = optimizer.state_variables()
+    else:
+        variables = [v.value for v in optimizer.variables]
+    per_device: dict = {}
+    for variable in variables:
+        for component in strategy.experimental_local_results(variable):
+            size = int(np.prod(component.shape)) * component.dtype.size
+            device = tf.DeviceSpec.from_string(component.device).to_string()
+            per_device[device] = per_device.get(device, 0) + size
+    return per_device
+
+
+def _max_weight_diff(a, b) -> float:
+    """Both optimizers must have trained to the same weights (sanity)."""
+    import numpy as np
+
+    return max(
+        float(np.max(np.abs(u.numpy() - w.numpy())))
+        for u, w in zip(a.trainable_weights, b.trainable_weights)
+    )
+
+
 def _child(num_replicas: int, width: int, depth: int, steps: int, rounds: int) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -72,12 +128,7 @@ def _child(num_replicas: int, width: int, depth: int, steps: int, rounds: int) -
     def build(make_optimizer):
         keras.utils.set_random_seed(0)
         with strategy.scope():
-            layers = [keras.Input((width,))]
-            # +3 units on the first layer: sizes that do not divide N.
-            layers += [keras.layers.Dense(width + 3, activation="relu")]
-            layers += [keras.layers.Dense(width, activation="relu") for _ in range(depth - 2)]
-            layers += [keras.layers.Dense(width)]
-            model = keras.Sequential(layers)
+            model = _dense_stack(width, depth)
             optimizer = make_optimizer()
             model.compile(optimizer=optimizer, loss="mse")
         return model, optimizer
@@ -105,35 +156,11 @@ def _child(num_replicas: int, width: int, depth: int, steps: int, rounds: int) -
         for name in runs:
             times[name].append(fit_once(name))
 
-    def state_bytes(name) -> dict:
-        _, optimizer = runs[name]
-        if isinstance(optimizer, ShardedAdam):
-            variables = optimizer.state_variables()
-        else:
-            variables = [v.value for v in optimizer.variables]
-        per_device: dict = {}
-        for variable in variables:
-            for component in strategy.experimental_local_results(variable):
-                size = int(np.prod(component.shape)) * component.dtype.size
-                device = tf.DeviceSpec.from_string(component.device).to_string()
-                per_device[device] = per_device.get(device, 0) + size
-        return per_device
-
     def reduction_bytes(name) -> dict:
         """Trace-time reduction bytes of one step (``apply`` in ``run``)."""
         model, optimizer = runs[name]
         per_replica_batch = global_batch // num_replicas
-
-        @tf.function
-        def step(x, y):
-            def replica_fn(x, y):
-                with tf.GradientTape() as tape:
-                    loss = tf.reduce_mean(tf.square(model(x) - y))
-                grads = tape.gradient(loss, model.trainable_variables)
-                optimizer.apply(grads, model.trainable_variables)
-
-            strategy.run(replica_fn, args=(x, y))
-
+        step = _apply_step(strategy, model, optimizer)
         spec = tf.TensorSpec([per_replica_batch, width], tf.float32)
         with _zero_collectives.count_bytes(strategy) as counter:
             step.get_concrete_function(spec, spec)
@@ -147,16 +174,11 @@ def _child(num_replicas: int, width: int, depth: int, steps: int, rounds: int) -
         reduced = reduction_bytes(name)
         result[f"{name}_reduction_input_bytes"] = reduced["input"]
         result[f"{name}_reduction_wire_bytes"] = reduced["wire"]
-        per_device = state_bytes(name)
+        per_device = _state_bytes_per_device(strategy, runs[name][1])
         result[f"{name}_state_bytes_per_replica"] = max(per_device.values())
         result[f"{name}_state_devices"] = len(per_device)
         result[f"{name}_step_s"] = float(np.min(times[name]))
-    # Both optimizers must have trained to the same weights (sanity).
-    a, b = runs["adam"][0], runs["sharded"][0]
-    result["max_weight_diff"] = max(
-        float(np.max(np.abs(u.numpy() - w.numpy())))
-        for u, w in zip(a.trainable_weights, b.trainable_weights)
-    )
+    result["max_weight_diff"] = _max_weight_diff(runs["adam"][0], runs["sharded"][0])
     return result
 
 
@@ -200,24 +222,10 @@ def _mwms_child(width: int, depth: int, steps: int, rounds: int) -> dict:
     def build(make_optimizer):
         keras.utils.set_random_seed(0)
         with strategy.scope():
-            layers = [keras.Input((width,)), keras.layers.Dense(width + 3, activation="relu")]
-            layers += [keras.layers.Dense(width, activation="relu") for _ in range(depth - 2)]
-            layers += [keras.layers.Dense(width)]
-            model = keras.Sequential(layers)
+            model = _dense_stack(width, depth)
             optimizer = make_optimizer()
             optimizer.build(model.trainable_variables)
-
-        @tf.function
-        def step(x, y):
-            def replica_fn(x, y):
-                with tf.GradientTape() as tape:
-                    loss = tf.reduce_mean(tf.square(model(x) - y))
-                grads = tape.gradient(loss, model.trainable_variables)
-                optimizer.apply(grads, model.trainable_variables)
-
-            strategy.run(replica_fn, args=(x, y))
-
-        return model, optimizer, step
+        return model, optimizer, _apply_step(strategy, model, optimizer)
 
     runs = {
         "adam": build(lambda: keras.optimizers.Adam(1e-3)),
@@ -249,24 +257,10 @@ def _mwms_child(width: int, depth: int, steps: int, rounds: int) -> dict:
         for name in runs:
             times[name].append(run_steps(name))
     for name, (model, optimizer, _) in runs.items():
-        variables = (
-            optimizer.state_variables()
-            if isinstance(optimizer, ShardedAdam)
-            else [v.value for v in optimizer.variables]
-        )
-        per_device: dict = {}
-        for variable in variables:
-            for component in strategy.experimental_local_results(variable):
-                size = int(np.prod(component.shape)) * component.dtype.size
-                device = tf.DeviceSpec.from_string(component.device).to_string()
-                per_device[device] = per_device.get(device, 0) + size
+        per_device = _state_bytes_per_device(strategy, optimizer)
         result[f"{name}_state_bytes_per_replica"] = max(per_device.values())
         result[f"{name}_step_s"] = float(np.min(times[name]))
-    a, b = runs["adam"][0], runs["sharded"][0]
-    result["max_weight_diff"] = max(
-        float(np.max(np.abs(u.numpy() - w.numpy())))
-        for u, w in zip(a.trainable_weights, b.trainable_weights)
-    )
+    result["max_weight_diff"] = _max_weight_diff(runs["adam"][0], runs["sharded"][0])
     return result
 
 
