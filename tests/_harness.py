@@ -90,3 +90,29 @@ def run_in_fresh_process(
     if status == "error":
         raise AssertionError(f"child process failed:\n{payload}")
     return payload
+
+
+def fit_interrupted_then_resumed(model, data, backup_dir: str, epochs: int,
+                                 steps_per_epoch: int, interrupt_epoch: int = 1) -> dict:
+    """``fit`` with ``BackupAndRestore`` stopped by an error after epoch
+    ``interrupt_epoch``, then fit again to resume; returns what a test checks."""
+    import keras
+
+    class InterruptAfterEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == interrupt_epoch:
+                raise RuntimeError("simulated interruption")
+
+    results = {}
+    try:
+        model.fit(data, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0,
+                  callbacks=[keras.callbacks.BackupAndRestore(backup_dir),
+                             InterruptAfterEpoch()])
+    except RuntimeError as error:
+        results["interrupted"] = str(error)
+    results["iterations_at_interrupt"] = int(model.optimizer.iterations.numpy())
+    history = model.fit(data, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0,
+                        callbacks=[keras.callbacks.BackupAndRestore(backup_dir)])
+    results["resumed_epochs"] = history.epoch
+    results["iterations_after_resume"] = int(model.optimizer.iterations.numpy())
+    return results

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import _harness
 from tf_async import staleness
 
 N_FEATURES = 8
@@ -529,16 +530,6 @@ def test_steps_per_execution_and_recompile(fresh_process):
 # ------------------------- callbacks + variable partitioner (2 PS, one child)
 
 
-class _InterruptAfterEpoch(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("simulated interruption")
-
-
 def _child_callbacks_and_partitioner(tmp):
     import os
 
@@ -580,17 +571,8 @@ def _child_callbacks_and_partitioner(tmp):
     with strategy.scope():
         model2 = _model()
         model2.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    try:
-        model2.fit(dataset, epochs=4, steps_per_epoch=10, verbose=0,
-                   callbacks=[keras.callbacks.BackupAndRestore(backup),
-                              _InterruptAfterEpoch(1)])
-    except RuntimeError as error:
-        results["interrupted"] = str(error)
-    results["iterations_at_interrupt"] = int(model2.optimizer.iterations.numpy())
-    history = model2.fit(dataset, epochs=4, steps_per_epoch=10, verbose=0,
-                         callbacks=[keras.callbacks.BackupAndRestore(backup)])
-    results["resumed_epochs"] = history.epoch
-    results["iterations_after_resume"] = int(model2.optimizer.iterations.numpy())
+    results.update(_harness.fit_interrupted_then_resumed(
+        model2, dataset, backup, epochs=4, steps_per_epoch=10, interrupt_epoch=1))
     return results
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import _harness
 from tf_async import _keras_fit, _rows, staleness
 
 ROWS, DIM, IDS_PER_EXAMPLE = 60, 4, 8
@@ -440,12 +441,6 @@ def _pooled(rows, name, layer=keras.layers.Embedding):
     return keras.Model(inputs, keras.layers.Dense(1, name=f"{name}_head")(h))
 
 
-class _Interrupt(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == 1:
-            raise RuntimeError("simulated interruption")
-
-
 def _shard_reads(fn_or_graphs, table):
     """Ops reading ``table``'s shards in every traced graph of ``fn_or_graphs``."""
     graphs = []
@@ -539,16 +534,8 @@ def _child_sharded_tables(tmp, big_rows):
         np.abs(local.predict(bx, verbose=0) - predicted).max())
     del local
     backup = os.path.join(tmp, "backup")
-    try:
-        model.fit(big_data, epochs=4, steps_per_epoch=3, verbose=0,
-                  callbacks=[keras.callbacks.BackupAndRestore(backup), _Interrupt()])
-    except RuntimeError as error:
-        results["interrupted"] = str(error)
-    results["iterations_at_interrupt"] = int(model.optimizer.iterations.numpy())
-    history = model.fit(big_data, epochs=4, steps_per_epoch=3, verbose=0,
-                        callbacks=[keras.callbacks.BackupAndRestore(backup)])
-    results["resumed_epochs"] = history.epoch
-    results["iterations_after_resume"] = int(model.optimizer.iterations.numpy())
+    results.update(_harness.fit_interrupted_then_resumed(
+        model, big_data, backup, epochs=4, steps_per_epoch=3, interrupt_epoch=1))
     results["big_seconds"] = time.monotonic() - start
     return results
 
