@@ -170,6 +170,24 @@ def test_recommender_example_learns_synthetic_clicks():
     assert float(match.group(1)) > 0.6, output[-2000:]  # chance is 0.5
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--workers=0"], "workers"),
+    (["--optimizer=adam"], "optimizer"),
+    (["--embedding_dim=0"], "embedding_dim"),
+    (["--steps_per_epoch=0"], "steps_per_epoch"),
+])
+def test_recommender_rejects_bad_flags(flags, message):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("TF_CONFIG", None)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "recommender.py"), "--quick", *flags],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Epoch 1/" not in result.stdout  # rejected before any training
+
+
 def _recommender_module():
     sys.path.insert(0, os.path.join(REPO, "examples"))
     try:

@@ -59,7 +59,12 @@ def _child():
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
     strategy = tf_async.strategies.AsyncParameterServerStrategy(
         tf_async.local_cluster(workers=1, ps=1))
-    out = {"default_horizon": strategy.look_ahead_horizon}
+    out = {"default_horizon": strategy.look_ahead_horizon, "bad_horizon": {}}
+    for bad in (-1.0, "2", True, float("nan")):
+        try:
+            strategy.look_ahead_horizon = bad
+        except ValueError as error:
+            out["bad_horizon"][repr(bad)] = str(error)
     runs = {"None": (None, lambda: DanaSGD(LR, MU)), "2.0": (2.0, lambda: DanaSGD(LR, MU)),
             "gap_aware": (2.0, lambda: GapAware(DanaSGD(LR, MU), step_average=0.5))}
     for key, (horizon, make) in runs.items():
@@ -77,6 +82,9 @@ def _child():
 def test_ps_step_computes_gradient_at_prediction(fresh_process):
     r = fresh_process(_child, timeout=600)
     assert r["default_horizon"] == 0.0
+    assert sorted(r["bad_horizon"]) == sorted(["-1.0", "'2'", "True", "nan"]), r["bad_horizon"]
+    for message in r["bad_horizon"].values():
+        assert "`look_ahead_horizon` must be None or a float >= 0" in message
     expected = {"None": _np_dana(0.0), "2.0": _np_dana(2.0),
                 "gap_aware": _np_dana(2.0, gap_aware_beta=0.5)}
     for key, want in expected.items():
