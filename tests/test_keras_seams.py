@@ -465,3 +465,52 @@ def test_sharded_variable_exposes_its_shards():
     assert _keras_fit.variable_shards(table) == shards
     assert _keras_fit.variable_shards(tf.Variable(1.0)) is None
     np.testing.assert_array_equal(tf.nn.embedding_lookup(table, [2, 0]), [[1, 1], [0, 0]])
+
+
+# ---- partitioned initial values seams (Keras 3.15) ----
+# tf_async/_partitioned_init.py (tf_async/_keras_fit.py, "partitioned initial
+# values seams").
+
+
+def test_keras_variable_is_made_from_a_shapeless_initial_value_callable():
+    """``_initialize_with_initializer`` hands ``tf.Variable`` a callable and no
+    ``shape=`` (so TF's ParameterServerStrategy makes the whole value)."""
+    from keras.src.backend.tensorflow.core import Variable
+
+    assert "_initialize_with_initializer" in vars(Variable) or hasattr(
+        Variable, "_initialize_with_initializer")
+    seen = []
+
+    def creator(next_creator, **kwargs):
+        seen.append((callable(kwargs.get("initial_value")), kwargs.get("shape")))
+        return next_creator(**kwargs)
+
+    initializer = keras.initializers.Constant(2.0)
+    with tf.variable_creator_scope(creator):
+        v = keras.Variable(initializer, shape=(3, 2), dtype="float32")
+    assert seen == [(True, None)], seen
+    np.testing.assert_array_equal(v.numpy(), np.full((3, 2), 2.0, np.float32))
+
+
+def test_installed_partitioned_initial_values_keep_keras_outside_the_strategy():
+    _keras_fit.install_partitioned_initial_values()
+    _keras_fit.install_partitioned_initial_values()  # idempotent
+    keras.utils.set_random_seed(5)
+    a = keras.layers.Embedding(7, 3)
+    a.build((None,))
+    keras.utils.set_random_seed(5)
+    with tf.variable_creator_scope(lambda next_creator, **kw: next_creator(**kw)):
+        b = keras.layers.Embedding(7, 3)
+        b.build((None,))
+    np.testing.assert_array_equal(a.embeddings.numpy(), b.embeddings.numpy())
+
+
+def test_initializer_fans_are_variance_scalings():
+    shape = (10, 6)
+    fan_in, fan_out = _keras_fit.initializer_fans(shape)
+    assert (fan_in, fan_out) == (10, 6)
+    assert _keras_fit.initializer_fans((3, 3, 4, 5)) == (36, 45)
+    assert _keras_fit.initializer_fans((4, 5), input_axes=[], output_axes=[]) == (1, 1)
+    values = keras.initializers.GlorotUniform(seed=1)(shape)
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    assert float(np.abs(values).max()) <= limit

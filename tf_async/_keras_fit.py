@@ -776,3 +776,60 @@ def stateless_value(variable):
     if scope is None:
         return None
     return keras.StatelessScope.get_current_value(scope, variable)
+
+
+# ---- partitioned initial values seams (Keras 3.15) ----
+# Used by tf_async/_partitioned_init.py and AsyncParameterServerStrategy with a
+# ``variable_partitioner``; pinned by the "partitioned initial values seams"
+# tests in tests/test_keras_seams.py.
+#
+# * The TF backend ``Variable._initialize_with_initializer(initializer)``
+#   (keras/src/backend/tensorflow/core.py) is how a Keras variable with a
+#   callable initializer is made (``KerasVariable.__init__``, also deferred):
+#   it calls ``self._initialize(lambda: initializer(self._shape,
+#   dtype=self._dtype))``, i.e. ``tf.Variable(callable, dtype=...)`` without
+#   ``shape=``. TF's ``ParameterServerStrategy`` then calls the callable for
+#   the whole value on the coordinator and slices it per shard.
+#   ``install_partitioned_initial_values`` wraps that method once: under a
+#   strategy marked ``_tf_async_partitioned_init``, the callable is
+#   ``_partitioned_init.initial_value(...)`` (takes ``partition_shape`` /
+#   ``partition_offset``) and a variable creator adds ``shape=`` for it, so
+#   each shard's value is made on its parameter server. Elsewhere: Keras' own.
+# * ``compute_fans`` (keras/src/initializers/random_initializers.py): the fans
+#   ``VarianceScaling`` scales by (``initializer_fans``).
+
+
+def initializer_fans(shape, input_axes=None, output_axes=None):
+    """Keras' ``(fan_in, fan_out)`` of ``shape`` (``VarianceScaling``'s)."""
+    from keras.src.initializers.random_initializers import compute_fans
+
+    return compute_fans(shape, input_axes=input_axes, output_axes=output_axes)
+
+
+def install_partitioned_initial_values() -> None:
+    """Lets TF's ``ParameterServerStrategy`` make Keras variables shard by
+    shard (see the section comment). Idempotent."""
+    from tf_async import _partitioned_init
+
+    variable_class = _tf_backend_variable_class()
+    original = variable_class._initialize_with_initializer
+    if getattr(original, "_tf_async_partitioned", False):
+        return
+
+    @_functools.wraps(original)
+    def _initialize_with_initializer(self, initializer):
+        strategy = tf.distribute.get_strategy()
+        if not getattr(strategy, "_tf_async_partitioned_init", False):
+            return original(self, initializer)
+        value = _partitioned_init.initial_value(initializer, self._shape, self._dtype)
+
+        def add_shape(next_creator, **kwargs):
+            if kwargs.get("initial_value") is value and kwargs.get("shape") is None:
+                kwargs["shape"] = value.shape
+            return next_creator(**kwargs)
+
+        with tf.variable_creator_scope(add_shape):
+            self._initialize(value)
+
+    _initialize_with_initializer._tf_async_partitioned = True
+    variable_class._initialize_with_initializer = _initialize_with_initializer

@@ -158,6 +158,9 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         _keras_fit.install_embedding_lookup()
         if variable_partitioner is not None:
             _keras_fit.allow_sharded_variable_updates(self)
+            # Split tables get each shard's initial value on its PS.
+            self._tf_async_partitioned_init = True
+            _keras_fit.install_partitioned_initial_values()
 
     @property
     def coordinator(self) -> tf.distribute.experimental.coordinator.ClusterCoordinator:
