@@ -80,8 +80,8 @@ def _peak_rss_mb(pid: str) -> float:
     return float("nan")
 
 
-def cluster_peak_rss() -> dict:
-    """Peak RSS (MB) of every process of this launched cluster, by task type.
+def _cluster_pids() -> dict:
+    """``{task type: [pid, ...]}`` of every process of this launched cluster.
 
     The tasks are found in /proc by their ``TF_ASYNC_TASK`` and a ``TF_CONFIG``
     naming the same cluster as ours (the launcher gives each task both)."""
@@ -97,11 +97,29 @@ def cluster_peak_rss() -> dict:
             task = env.get(b"TF_ASYNC_TASK")
             if task is None or json.loads(env[b"TF_CONFIG"])["cluster"] != own:
                 continue
-            task_type = task.decode().split(":")[0]
-            found.setdefault(task_type, []).append(_peak_rss_mb(pid))
+            found.setdefault(task.decode().split(":")[0], []).append(pid)
         except (OSError, KeyError, ValueError):
             continue  # gone, not ours, or not readable
     return found
+
+
+def cluster_peak_rss() -> dict:
+    """Peak RSS (MB) of every process of this launched cluster, by task type."""
+    return {task: [_peak_rss_mb(pid) for pid in pids] for task, pids in _cluster_pids().items()}
+
+
+def _cpu_seconds(pid: str) -> float:
+    """User + system CPU time of process ``pid`` (all its threads)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_cpu_seconds() -> dict:
+    """CPU seconds used so far by the cluster's processes, summed per task type
+    (CPU time, unlike wall time, hardly depends on what else the machine runs)."""
+    return {task: sum(_cpu_seconds(pid) for pid in pids)
+            for task, pids in _cluster_pids().items()}
 
 
 def child(args) -> None:
@@ -138,15 +156,20 @@ def child(args) -> None:
         model.compile(optimizer=make_optimizer(), loss="mse")
     built_rss = cluster_peak_rss()  # after the variables exist, before any step
     model.fit(data, epochs=1, steps_per_epoch=args.warmup, verbose=0)
-    rates = []
+    rates, cpu_ms = [], {}
     for _ in range(args.repeats):
+        cpu_before = cluster_cpu_seconds()
         start = time.perf_counter()
         model.fit(data, epochs=1, steps_per_epoch=args.steps, verbose=0)
         rates.append(args.steps / (time.perf_counter() - start))
+        for task, seconds in cluster_cpu_seconds().items():
+            per_step = 1000.0 * (seconds - cpu_before.get(task, 0.0)) / args.steps
+            cpu_ms[task] = min(cpu_ms.get(task, per_step), per_step)
     rss = cluster_peak_rss()
     result = {
         "framework": args.framework, "optimizer": args.optimizer, "rows": args.rows,
         "ps": args.ps, "steps_per_s": max(rates), "all_steps_per_s": rates,
+        "cpu_ms_per_step": cpu_ms,
         "worker_rss_mb": max(rss.get("worker", [float("nan")])),
         "ps_rss_mb": max(rss.get("ps", [float("nan")])),
         "chief_rss_mb": _peak_rss_mb("self"),
@@ -232,7 +255,10 @@ def main() -> None:
         print(f"{framework:9} {optimizer:9} {rows:9.0e} {ps:2d} {r['steps_per_s']:8.1f} "
               f"{r['worker_rss_mb']:9.0f} {r['ps_rss_mb']:8.0f} {r['chief_rss_mb']:8.0f} "
               f"{r['chief_rss_built_mb']:14.0f}  "
-              + " ".join(f"{v:.1f}" for v in r["all_steps_per_s"]), flush=True)
+              + " ".join(f"{v:.1f}" for v in r["all_steps_per_s"])
+              + "  cpu ms/step " + " ".join(
+                  f"{task}={ms:.2f}" for task, ms in sorted(r.get("cpu_ms_per_step", {}).items())),
+              flush=True)
 
     def rate(framework, optimizer, rows, ps):
         for r in results:
