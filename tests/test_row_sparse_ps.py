@@ -112,3 +112,58 @@ def test_row_sparse_optimizers_under_async_ps_fit_equal_dense_keras(fresh_proces
     [notice] = r["notices"]["adam"]  # once, although there were two fits
     assert "'table/embeddings' (200 rows x 8 x 4 B x 3 arrays)" in notice
     assert "LazyAdam" in notice
+
+
+# ---- concurrent workers never lose a row's update ---------------------------
+# Every batch holds each of LOCK_ROWS rows exactly 4 times and the loss is
+# linear in the looked-up rows, so every applied step subtracts exactly
+# lr * 4 / batch = 1/32 from every element of those rows, whatever the
+# weights: after `iterations` steps each element is exactly -iterations/32
+# (binary fractions: no rounding). A lost update (two workers' row updates
+# interleaving on the PS) leaves some element above that.
+
+LOCK_ROWS, LOCK_BATCH, LOCK_IDS = 64, 32, 8
+
+
+def _child_concurrent_row_updates(steps):
+    import keras
+    import tensorflow as tf
+    from keras import ops
+
+    import tf_async
+
+    ids = np.tile(np.arange(LOCK_ROWS, dtype="int32"), 4).reshape(LOCK_BATCH, LOCK_IDS)
+    y = np.zeros((LOCK_BATCH, 1), np.float32)
+
+    def dataset_fn(input_context=None):
+        return tf.data.Dataset.from_tensors((ids, y)).repeat()
+
+    strategy = tf_async.strategies.AsyncParameterServerStrategy(
+        tf_async.local_cluster(workers=2, ps=1))
+    with strategy.scope():
+        inputs = keras.Input((LOCK_IDS,), dtype="int32")
+        rows = keras.layers.Embedding(LOCK_ROWS + 8, 16, embeddings_initializer="zeros",
+                                      name="table")(inputs)
+        model = keras.Model(inputs, ops.sum(rows, axis=(1, 2))[:, None])
+        model.compile(optimizer=keras.optimizers.SGD(0.25),
+                      loss=lambda y_true, y_pred: ops.mean(y_pred))
+    history = model.fit(dataset_fn, epochs=1, steps_per_epoch=steps, verbose=0)
+    table = model.get_layer("table").embeddings.numpy()
+    return {
+        "iterations": int(model.optimizer.iterations.numpy()),
+        "staleness_max": history.history["staleness_max"][0],
+        "used": table[:LOCK_ROWS].tolist(),
+        "unused_max": float(np.abs(table[LOCK_ROWS:]).max()),
+    }
+
+
+@pytest.mark.slow
+def test_concurrent_workers_never_lose_a_row_update(fresh_process):
+    r = fresh_process(_child_concurrent_row_updates, 400, timeout=600)
+    assert r["iterations"] == 400
+    assert r["staleness_max"] >= 1  # the two workers' steps did overlap
+    used = np.asarray(r["used"], np.float32)
+    expected = np.float32(-r["iterations"] / 32)
+    lost = int(np.sum(used != expected))
+    assert lost == 0, (lost, float(used.max()), float(expected))
+    assert r["unused_max"] == 0.0

@@ -14,6 +14,10 @@ Seams:
 
 from __future__ import annotations
 
+import contextlib as _contextlib
+import functools as _functools
+import threading as _threading
+
 import keras
 import tensorflow as tf
 
@@ -306,6 +310,12 @@ def variable_shards(variable):
 #   ``optimizer.iterations``: 228 of 300 steps with 2 workers). The TF-backend
 #   Variable gets an ``assign_add``/``assign_sub`` that issues the backing
 #   ``tf.Variable``'s atomic ``AssignAddVariableOp`` (same value, one op).
+# * ``install_update_guard`` — TF's ``StrategyExtended._update(var, fn, args,
+#   kwargs, group)`` (``extended.update``'s implementation; Keras'
+#   ``TFOptimizer._distributed_tf_update_step`` calls ``extended.update(var,
+#   update_step-like fn, ...)`` once per variable) is wrapped per strategy
+#   instance so a :func:`guarded_updates` guard can run a variable's update
+#   inside a lock (embedding tables' row updates, ``strategies/_table_locks``).
 # * Trainer internals the plugin fit loop uses: ``_loss_tracker``,
 #   ``_compute_loss``, ``_compile_metrics``, ``_call_has_training_arg``,
 #   ``_distribute_strategy``, ``_initial_epoch`` (BackupAndRestore),
@@ -577,6 +587,47 @@ class _SingleReplicaContext(tf.distribute.ReplicaContext):
         return value
 
 
+_update_guards = _threading.local()
+
+
+@_contextlib.contextmanager
+def guarded_updates(guard):
+    """Inside (this thread): each ``strategy.extended.update(var, fn, ...)`` of
+    a strategy set up by :func:`install_update_guard` runs as
+    ``guard(var, run)`` where ``run()`` does the update; ``guard`` returns
+    ``NotImplemented`` to leave an update as it is."""
+    stack = getattr(_update_guards, "stack", None)
+    if stack is None:
+        stack = _update_guards.stack = []
+    stack.append(guard)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def install_update_guard(strategy) -> None:
+    """Routes ``strategy.extended._update`` (each optimizer variable update:
+    Keras' ``_distributed_tf_update_step`` calls ``extended.update(var, fn)``
+    per variable) through the active :func:`guarded_updates` guard. Once per
+    strategy instance."""
+    extended = strategy.extended
+    if getattr(extended._update, "_tf_async_guarded", False):
+        return
+    original = extended._update
+
+    def _update(var, fn, args, kwargs, group):
+        stack = getattr(_update_guards, "stack", None)
+        if stack:
+            result = stack[-1](var, lambda: original(var, fn, args, kwargs, group))
+            if result is not NotImplemented:
+                return result
+        return original(var, fn, args, kwargs, group)
+
+    _update._tf_async_guarded = True
+    extended._update = _update
+
+
 def allow_sharded_variable_updates(strategy) -> None:
     """Lets Keras 3 optimizers update ``ShardedVariable``s under ``strategy``.
 
@@ -687,10 +738,6 @@ def outside_strategy_scopes():
 #   ``optimizer._get_variable_index(variable)``.
 # * ``ShardedVariable.variables`` (TF) are the shards (``variable_shards``);
 #   ``tf.nn.embedding_lookup`` dispatches per shard on it.
-
-import contextlib as _contextlib
-import functools as _functools
-import threading as _threading
 
 _embedding_local = _threading.local()
 

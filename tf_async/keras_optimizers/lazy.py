@@ -100,8 +100,10 @@ def adam_rows(optimizer, ids, gradient_rows, variable, learning_rate, step) -> N
     """LazyAdam on rows ``ids`` (unique) with their gradients ``gradient_rows``.
 
     The same arithmetic as Keras Adam on those rows; m and v get their
-    increments with ``scatter_add`` (atomic per row, like Keras' dense
-    ``assign_add``) and are read back after it.
+    increments with ``_sparse_rows.scatter_add`` (as Keras' dense
+    ``assign_add``) and are read back after it. Under the asynchronous
+    parameter-server step the whole update holds the table's lock
+    (``strategies/_table_locks``), so concurrent workers lose no increment.
     """
     dtype = variable.dtype
     g = tf.cast(gradient_rows, dtype)

@@ -69,7 +69,7 @@ import tensorflow as tf
 
 from tf_async import _keras_fit, staleness
 from tf_async.keras_optimizers import row_sparse
-from tf_async.strategies import _fused_transfer, _nonfinite, _table_rows
+from tf_async.strategies import _fused_transfer, _nonfinite, _table_locks, _table_rows
 
 _COUNT_LIMIT = 2**62
 
@@ -184,6 +184,7 @@ class TrainStep:
         self.on_nonfinite = _nonfinite.check_on_nonfinite(on_nonfinite)
         self._updated_non_trainable: Optional[List[int]] = None
         self._row_tables: dict = {}  # input signature -> tables read as rows
+        self._table_locks = _table_locks.TableLocks()
 
     # -- forward/backward on a snapshot ---------------------------------------
     def _loss(self, x, y, sample_weight):
@@ -312,16 +313,19 @@ class TrainStep:
     def _apply(self, gradients, values, tau) -> tf.Operation:
         """``optimizer.apply`` inside the StepContext; returns a group of its ops.
 
+        A table's update (row-sparse gradient) runs holding the table's lock
+        (:mod:`_table_locks`): concurrent steps never lose a row's increment.
         Automatic control dependencies order only ops on the same resource, so
         the group is what later counter updates wait for.
         """
         model = self.model
         trainable = model.trainable_variables
+        tables = [v for g, v in zip(gradients, trainable) if isinstance(g, tf.IndexedSlices)]
         graph = tf.compat.v1.get_default_graph()
         first = len(graph.get_operations())
         with staleness.publish(tau, trainable, values), row_sparse.updates(
             model.optimizer, gradients, trainable
-        ):
+        ), self._table_locks.exclusive(tables):
             model.optimizer.apply(gradients, trainable)
         created = graph.get_operations()[first:]
         return tf.group(*created) if created else tf.no_op()

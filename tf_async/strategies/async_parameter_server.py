@@ -161,6 +161,8 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
             # Split tables get each shard's initial value on its PS.
             self._tf_async_partitioned_init = True
             _keras_fit.install_partitioned_initial_values()
+        # Tables' row updates run holding the table's lock (_table_locks).
+        _keras_fit.install_update_guard(self)
 
     @property
     def coordinator(self) -> tf.distribute.experimental.coordinator.ClusterCoordinator:
