@@ -151,6 +151,10 @@ def _child_table_two_inputs_two_outputs():
                                             return_dict=True))
     r["two_predict"] = (two.predict(inputs, batch_size=16, verbose=0),
                         two_reference.predict(inputs, batch_size=16, verbose=0))
+    with sharded.scope():  # never compiled: predict only needs it built
+        uncompiled = make_two()
+        uncompiled.set_weights(two_initial)
+    r["uncompiled_predict"] = uncompiled.predict(inputs, batch_size=32, verbose=0)
     return r
 
 
@@ -194,6 +198,8 @@ def test_worker_side_table_split_over_two_ps_dict_inputs_and_outputs(fresh_proce
     assert sorted(got) == ["p", "v"]
     for key in ("p", "v"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(r["uncompiled_predict"][key], want[key], rtol=1e-6,
+                                   atol=1e-6)
 
 
 KILL_SCRIPT = textwrap.dedent('''

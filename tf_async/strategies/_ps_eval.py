@@ -214,11 +214,17 @@ def _prepare(strategy, model, source):
     """Per-worker datasets of ``source`` and the batch spec; builds the model
     (and an unbuilt optimizer, in scope) as Keras' evaluate would."""
     spec = _ps_data.element_spec(source, strategy.num_workers)
-    with strategy.scope():
-        _keras_fit.symbolic_build(model, spec)
-        optimizer = getattr(model, "optimizer", None)
-        if optimizer is not None and not optimizer.built:
-            optimizer.build(model.trainable_variables)
+    if getattr(model, "compiled", False):
+        with strategy.scope():
+            _keras_fit.symbolic_build(model, spec)
+            if model.optimizer is not None and not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+    elif not model.built:
+        raise ValueError(
+            "`predict` on the workers (`evaluation_shards`) needs a built model: "
+            "this one is neither compiled nor built. Give it an `Input`, call it "
+            "on a batch (in the strategy's scope), or set "
+            "`strategy.evaluation_shards = None` to predict on the coordinator.")
     datasets = strategy.coordinator.create_per_worker_dataset(source).build()
     return datasets, spec
 
