@@ -15,15 +15,19 @@ scheduled with ``ClusterCoordinator.schedule`` on whichever worker is free:
   own ``test_step`` / ``predict_step`` per batch in a ``StatelessScope``:
   the metric states start at zero and are carried through the shard's loop
   as tensors, nothing is written anywhere;
-* the coordinator fetches each shard's metric states and sums them (Keras'
-  metric states are sums and counts, the same assumption the train step's
-  metric contributions make), then writes the sums into the model's metric
-  variables once and reads Keras' ``result()``; ``predict`` puts the shards'
-  batches back in input order.
+* a shard writes its final metric states (``predict``: its outputs and
+  batch sizes, serialized) into its own variables on a parameter server
+  (``ShardResults``, an overwrite);
+* once every shard has finished, the coordinator reads them all (one call),
+  sums the metric states (Keras' metric states are sums and counts, the same
+  assumption the train step's metric contributions make), writes the sums
+  into the model's metric variables once and reads Keras' ``result()``;
+  ``predict`` puts the shards' batches back in input order.
 
 A shard retried by the coordinator after a worker failure starts again from
-zero and only the attempt that returns counts: no example is counted twice
-or lost (tf-keras' exactly-once visitation).
+zero and overwrites its results with the same values: no example is counted
+twice or lost (tf-keras' exactly-once visitation), also when the worker dies
+after its shard finished.
 """
 
 from __future__ import annotations
@@ -95,6 +99,44 @@ def _worker_source(x, y, sample_weight, batch_size, steps, method: str) -> tf.da
     return limited(dataset)
 
 
+class ShardResults:
+    """Per shard, variables on a parameter server that its closure overwrites
+    with its results before it ends.
+
+    A closure's return value stays on its worker until fetched: a worker that
+    dies between the closure's end and the fetch takes it along (the fetch
+    fails; seen with a worker SIGKILLed mid-evaluate), and the coordinator
+    does not rerun a finished closure. Written on the PS, a finished shard's
+    results survive its worker; a retried shard writes the same values again
+    (an overwrite, never an add), so nothing is counted twice.
+    """
+
+    def __init__(self, strategy, specs, shards: int):
+        with strategy.scope():
+            anchor = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                 name="tf_async_shard_results")
+            with strategy.extended.colocate_vars_with(anchor):
+                self.variables = [
+                    [tf.Variable(tf.zeros(spec.shape, spec.dtype), trainable=False,
+                                 name="tf_async_shard_result") for spec in specs]
+                    for _ in range(shards)
+                ]
+        self._anchor = anchor
+        self.read = tf.function(lambda: [[v.read_value() for v in row]
+                                         for row in self.variables])
+
+    def write(self, index, values):
+        """Inside a shard's closure: shard ``index`` (a tensor) stores ``values``."""
+        def branch(row):
+            def assign():
+                for variable, value in zip(row, values):
+                    variable.assign(tf.cast(value, variable.dtype), read_value=False)
+                return tf.constant(True)
+            return assign
+
+        return tf.switch_case(tf.cast(index, tf.int32), [branch(r) for r in self.variables])
+
+
 class WorkerEvaluation:
     """The shard functions of one compiled model (traced once per input spec)."""
 
@@ -131,9 +173,11 @@ class WorkerEvaluation:
             first += count
         return mapping
 
-    def _evaluate_shard(self, spec):
+    def _evaluate_shard(self, spec, shards):
         model, strategy = self._model, self._strategy
         metric_variables = list(model.metrics_variables)
+        results = ShardResults(
+            strategy, [tf.TensorSpec(v.shape, v.dtype) for v in metric_variables], shards)
 
         def body(dataset, shards, index):
             mapping = self._snapshot(model.test_step, spec)
@@ -154,16 +198,21 @@ class WorkerEvaluation:
 
         @tf.function
         def evaluate_shard(dataset, shards, index):
-            return _keras_fit.run_in_single_replica_context(
-                strategy, body, dataset, shards, index)
+            results.write(index, _keras_fit.run_in_single_replica_context(
+                strategy, body, dataset, shards, index))
 
-        return evaluate_shard
+        return evaluate_shard, results
 
-    def _predict_shard(self, spec):
+    def _predict_shard(self, spec, shards):
         model, strategy = self._model, self._strategy
         probe = tf.function(model.predict_step, autograph=False).get_concrete_function(spec)
         out_specs = tf.nest.flatten(probe.structured_outputs)
         structure = probe.structured_outputs
+        # Outputs of any length travel serialized (a string scalar per output):
+        # a variable of unknown shape cannot be passed to a remote function.
+        results = ShardResults(strategy, [tf.TensorSpec([], tf.string)] * (len(out_specs) + 1),
+                               shards)
+        results.dtypes = [o.dtype for o in out_specs] + [tf.int64]
 
         def body(dataset, shards, index):
             mapping = self._snapshot(model.predict_step, spec)
@@ -185,20 +234,22 @@ class WorkerEvaluation:
                 lambda i, optional, arrays, rows: optional.has_value(), step,
                 (tf.constant(0), iterator.get_next_as_optional(), arrays, rows),
                 parallel_iterations=1)
-            return [a.concat() for a in arrays], rows.stack()
+            return [tf.io.serialize_tensor(t) for t in [a.concat() for a in arrays]
+                    + [rows.stack()]]
 
         @tf.function
         def predict_shard(dataset, shards, index):
-            return _keras_fit.run_in_single_replica_context(
-                strategy, body, dataset, shards, index)
+            results.write(index, _keras_fit.run_in_single_replica_context(
+                strategy, body, dataset, shards, index))
 
-        return predict_shard, structure
+        return predict_shard, results, structure
 
-    def function(self, kind: str, spec):
-        key = (kind, repr(spec))
+    def function(self, kind: str, spec, shards: int):
+        """``(shard function, ShardResults[, output structure])`` for ``kind``."""
+        key = (kind, repr(spec), shards)
         if key not in self._functions:
             make = self._evaluate_shard if kind == "evaluate" else self._predict_shard
-            self._functions[key] = make(spec)
+            self._functions[key] = make(spec, shards)
         return self._functions[key]
 
 
@@ -229,12 +280,19 @@ def _prepare(strategy, model, source):
     return datasets, spec
 
 
-def _schedule(strategy, function, datasets, shards):
-    return [
+def _run_shards(strategy, function, datasets, shards, callbacks, mode: str):
+    """Schedules every shard; returns when all have finished (retries
+    included). Callbacks see one batch per shard, in shard order."""
+    done = [
         strategy.coordinator.schedule(function, args=(
             datasets, tf.constant(shards, tf.int64), tf.constant(i, tf.int64)))
         for i in range(shards)
     ]
+    for i, remote in enumerate(done):
+        getattr(callbacks, f"on_{mode}_batch_begin")(i)
+        remote.fetch()  # no value: waits for shard i (nothing is read from the worker)
+        getattr(callbacks, f"on_{mode}_batch_end")(i, {})
+    strategy.coordinator.join()
 
 
 def evaluate(strategy, model, x=None, y=None, batch_size=None, verbose="auto",
@@ -250,16 +308,12 @@ def evaluate(strategy, model, x=None, y=None, batch_size=None, verbose="auto",
     strategy.coordinator.join()  # results reflect every scheduled training step
     datasets, spec = _prepare(strategy, model, source)
     shards = num_shards(strategy.evaluation_shards, strategy.num_workers)
-    function = strategy._worker_evaluation(model).function("evaluate", spec)
+    function, results = strategy._worker_evaluation(model).function("evaluate", spec, shards)
     callbacks = _callbacks(model, callbacks, verbose, shards)
     callbacks.on_test_begin()
-    results = _schedule(strategy, function, datasets, shards)
-    totals = None
-    for i, result in enumerate(results):  # callbacks see one batch per shard
-        callbacks.on_test_batch_begin(i)
-        state = [np.asarray(v, np.float64) for v in result.fetch()]
-        totals = state if totals is None else [t + s for t, s in zip(totals, state)]
-        callbacks.on_test_batch_end(i, {})
+    _run_shards(strategy, function, datasets, shards, callbacks, "test")
+    per_shard = [[np.asarray(v, np.float64) for v in row] for row in results.read()]
+    totals = [sum(values) for values in zip(*per_shard)]
     model.reset_metrics()
     for variable, total in zip(model.metrics_variables, totals):
         variable.assign(total.astype(variable.dtype))
@@ -279,18 +333,17 @@ def predict(strategy, model, x, batch_size=None, verbose="auto", steps=None,
     strategy.coordinator.join()
     datasets, spec = _prepare(strategy, model, source)
     shards = num_shards(strategy.evaluation_shards, strategy.num_workers)
-    function, structure = strategy._worker_evaluation(model).function("predict", spec)
+    function, results, structure = strategy._worker_evaluation(model).function(
+        "predict", spec, shards)
     callbacks = _callbacks(model, callbacks, verbose, shards)
     callbacks.on_predict_begin()
-    results = _schedule(strategy, function, datasets, shards)
+    _run_shards(strategy, function, datasets, shards, callbacks, "predict")
     per_shard = []
-    for i, result in enumerate(results):
-        callbacks.on_predict_batch_begin(i)
-        outputs, rows = result.fetch()
-        splits = np.cumsum(np.asarray(rows))[:-1]
-        per_shard.append([np.split(np.asarray(o), splits) if len(rows) else []
-                          for o in outputs])
-        callbacks.on_predict_batch_end(i, {})
+    for row in results.read():
+        *outputs, rows = [tf.io.parse_tensor(v, dtype).numpy()
+                          for v, dtype in zip(row, results.dtypes)]
+        splits = np.cumsum(rows)[:-1]
+        per_shard.append([np.split(o, splits) if len(rows) else [] for o in outputs])
     callbacks.on_predict_end()
     # Batch b went to shard b % S as its (b // S)-th batch.
     batches = sum(len(s[0]) for s in per_shard)
