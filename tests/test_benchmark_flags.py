@@ -29,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("slow_link.py", "--workers", "0", ">= 1"),
     ("slow_link.py", "--eval_every", "x", ">= 1"),
     ("slow_link.py", "--batch", "0", ">= 1"),
+    ("worker_evaluation.py", "--workers", "0", ">= 1"),
 ])
 def test_bad_numeric_flag_is_named(script, flag, value, allowed):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -244,6 +244,21 @@ def test_aps_trainer_methods_and_model_internals_exist():
     assert _keras_fit.initial_epoch(model, 3) == 3
 
 
+def test_aps_flatten_metrics_in_order_is_evaluates_list_return():
+    x, y = np.ones((4, 3), np.float32), np.zeros((4, 2), np.float32)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae", "mse"])
+    listed = model.evaluate(x, y, verbose=0)
+    logs = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert _keras_fit.flatten_metrics_in_order(model, logs) == listed
+    assert listed[0] == logs["loss"] and len(listed) == 3
+    single = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    single.compile(optimizer="sgd", loss="mse")
+    assert _keras_fit.flatten_metrics_in_order(
+        single, single.evaluate(x, y, verbose=0, return_dict=True)) == single.evaluate(
+            x, y, verbose=0)
+
+
 def test_aps_keras_variable_assign_add_internals():
     from keras.src.backend.tensorflow.core import Variable
 

@@ -319,7 +319,8 @@ def variable_shards(variable):
 # * Trainer internals the plugin fit loop uses: ``_loss_tracker``,
 #   ``_compute_loss``, ``_compile_metrics``, ``_call_has_training_arg``,
 #   ``_distribute_strategy``, ``_initial_epoch`` (BackupAndRestore),
-#   ``_should_eval``, ``_get_metrics_result_or_logs``, the default strategy,
+#   ``_should_eval``, ``_get_metrics_result_or_logs``,
+#   ``_flatten_metrics_in_order`` (worker-side evaluate), the default strategy,
 #   and ``PerWorkerDistributedIterator`` (per-worker iterators from per-worker
 #   ``InputContext``s).
 
@@ -518,6 +519,12 @@ def should_eval(model, epoch: int, validation_freq) -> bool:
 
 def metrics_result_or_logs(model, logs):
     return model._get_metrics_result_or_logs(logs)
+
+
+def flatten_metrics_in_order(model, logs):
+    """Keras' ``evaluate`` return value without ``return_dict``: ``logs`` as a
+    list in metric order (a scalar for one metric)."""
+    return model._flatten_metrics_in_order(logs)
 
 
 def per_worker_iterator(remote_values):

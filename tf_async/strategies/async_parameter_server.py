@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tf_async import _keras_fit, _rows
 from tf_async.staleness import check_max_staleness
-from tf_async.strategies import _nonfinite, _ps_fit_loop
+from tf_async.strategies import _nonfinite, _ps_eval, _ps_fit_loop
 
 __all__ = ["AsyncParameterServerStrategy"]
 
@@ -102,11 +102,20 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         TensorBoard); ``"raise"``: ``fit`` stops with
         ``tf_async.strategies.NonFiniteStepError`` naming the step and worker.
         The check runs on the parameter server, where the apply runs.
+      evaluation_shards: where ``evaluate``/``predict`` (and ``fit``'s
+        validation) run. ``None`` (default): on the coordinator, Keras' own
+        loop reading the variables from the parameter servers. An int ``S >=
+        1`` or ``"auto"`` (``S = 5 × workers``, tf-keras'
+        ``pss_evaluation_shards="auto"``): on the workers, the data split
+        into ``S`` shards of whole batches, each a scheduled closure; every
+        batch is evaluated exactly once (also when a worker fails and its
+        shard is retried) and the metrics equal Keras' ``evaluate``;
+        ``predict`` returns the outputs in input order. Which is faster when:
+        docs/async_parameter_server.md. Settable between calls.
 
     ``fit`` takes Keras' arguments, including ``class_weight`` (applied in
     each worker's input pipeline) and ``validation_split`` (arrays only, as in
-    Keras). Limits: one replica (device) per worker; ``evaluate``/``predict``
-    run on the coordinator, reading the variables from the parameter servers.
+    Keras). Limits: one replica (device) per worker.
 
     ``keras.layers.Embedding`` tables on the parameter servers are read as the
     rows a batch looks up, where they live (in the train step and in
@@ -115,10 +124,12 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
 
     Raises:
       ValueError: ``max_staleness < 0``; a cluster without ps or workers;
-        ``on_nonfinite`` not ``"skip"``/``"raise"``; (when a variable is
+        ``on_nonfinite`` not ``"skip"``/``"raise"``; ``evaluation_shards``
+        < 1 or a string other than ``"auto"``; (when a variable is
         created) a ``variable_partitioner`` result that does not split axis 0
         only.
-      TypeError: ``variable_partitioner`` not callable.
+      TypeError: ``variable_partitioner`` not callable; ``evaluation_shards``
+        not None, ``"auto"`` or an int.
     """
 
     def __init__(
@@ -128,8 +139,10 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         variable_partitioner=None,
         log_every_steps: Optional[int] = None,
         on_nonfinite: str = "skip",
+        evaluation_shards=None,
     ):
         self._max_staleness = check_max_staleness(max_staleness)
+        self._evaluation_shards = _ps_eval.check_evaluation_shards(evaluation_shards)
         self._on_nonfinite = _nonfinite.check_on_nonfinite(on_nonfinite)
         if log_every_steps is not None and (
             isinstance(log_every_steps, bool)
@@ -150,6 +163,7 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         )
         self._chief_functions: dict = {}
         self._fit_states: dict = {}  # id(model) -> (model, loss tracker, FitState)
+        self._evaluations: dict = {}  # id(model) -> (model, loss tracker, WorkerEvaluation)
         self._last_fit_model = None
         _keras_fit.install_trainer_dispatch()
         _keras_fit.install_atomic_assign_add()
@@ -197,6 +211,16 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
     @look_ahead_horizon.setter
     def look_ahead_horizon(self, value) -> None:
         self._look_ahead_horizon = _check_horizon(value)
+
+    @property
+    def evaluation_shards(self):
+        """``None`` (evaluate/predict on the coordinator), ``"auto"`` or the
+        number of shards evaluated on the workers; settable."""
+        return self._evaluation_shards
+
+    @evaluation_shards.setter
+    def evaluation_shards(self, value) -> None:
+        self._evaluation_shards = _ps_eval.check_evaluation_shards(value)
 
     @property
     def log_every_steps(self) -> Optional[int]:
@@ -264,6 +288,14 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
         self._last_fit_model = model
         return entry[2]
 
+    def _worker_evaluation(self, model) -> "_ps_eval.WorkerEvaluation":
+        compiled = _keras_fit.loss_tracker(model)
+        entry = self._evaluations.get(id(model))
+        if entry is None or entry[0] is not model or entry[1] is not compiled:
+            entry = (model, compiled, _ps_eval.WorkerEvaluation(self, model))
+            self._evaluations[id(model)] = entry
+        return entry[2]
+
     def check_model(self, model, method: str = "fit") -> None:
         """ValueError unless ``model`` was created in this strategy's scope."""
         if _keras_fit.model_strategy(model) is not self:
@@ -295,15 +327,20 @@ class AsyncParameterServerStrategy(tf.distribute.experimental.ParameterServerStr
             raise tf.errors.UnavailableError(None, None, _cluster_lost_message(error)) from None
 
     def _tf_async_evaluate(self, model, original, *args, **kwargs):
-        return self._on_chief(model, original, *args, method="evaluate", **kwargs)
+        return self._evaluate_or_predict(model, original, *args, method="evaluate", **kwargs)
 
     def _tf_async_predict(self, model, original, *args, **kwargs):
-        return self._on_chief(model, original, *args, method="predict", **kwargs)
+        return self._evaluate_or_predict(model, original, *args, method="predict", **kwargs)
 
-    def _on_chief(self, model, original, *args, method, **kwargs):
+    def _evaluate_or_predict(self, model, original, *args, method, **kwargs):
         try:
-            return _ps_fit_loop.run_on_chief(
-                self, model, original, *args, method=method, **kwargs)
+            # run_eagerly=True: Keras' eager loop on the coordinator (a
+            # worker runs tf.functions only).
+            if self._evaluation_shards is None or model.run_eagerly:
+                return _ps_fit_loop.run_on_chief(
+                    self, model, original, *args, method=method, **kwargs)
+            run = _ps_eval.evaluate if method == "evaluate" else _ps_eval.predict
+            return run(self, model, *args, **kwargs)
         except tf.errors.InvalidArgumentError as error:
             ids = _rows.ids_error_from(error)  # an Embedding's ids out of range
             if ids is None:
