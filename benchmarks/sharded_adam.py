@@ -66,20 +66,15 @@ def _dense_stack(width: int, depth: int):
 
 
 def _apply_step(strategy, model, optimizer):
-    """One custom-loop train step: ``optimizer.apply`` under ``strategy.run``."""
+    """One custom-loop train step (MSE): ``optimizer.apply`` under ``strategy.run``."""
     import tensorflow as tf
 
-    @tf.function
-    def step(x, y):
-        def replica_fn(x, y):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(tf.square(model(x) - y))
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply(grads, model.trainable_variables)
+    sys.path.insert(0, ROOT)
+    from tests import _harness
 
-        strategy.run(replica_fn, args=(x, y))
-
-    return step
+    return _harness.apply_step(
+        strategy, model, optimizer, lambda p, y: tf.reduce_mean(tf.square(p - y))
+    )
 
 
 def _step_clock():
@@ -166,14 +161,13 @@ def _child(num_replicas: int, width: int, depth: int, steps: int, rounds: int) -
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    cpus = tf.config.list_physical_devices("CPU")
-    tf.config.set_logical_device_configuration(
-        cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_replicas
-    )
+    sys.path.insert(0, ROOT)
+    from tests import _harness
+
+    _harness.split_cpu(num_replicas)
     import keras
     import numpy as np
 
-    sys.path.insert(0, ROOT)
     from tf_async.keras_optimizers import ShardedAdam, _zero_collectives
 
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -248,7 +242,7 @@ def _mwms_child(width: int, depth: int, steps: int, rounds: int) -> dict:
     """One worker of a 2-process MultiWorkerMirroredStrategy, 2 CPU devices each.
 
     TF gives a CPU worker one device; the two logical CPUs are handed to the
-    strategy by overriding ``_initialize_local_devices`` (as in
+    strategy by ``tests/_harness.split_cpu_for_multi_worker`` (as in
     tests/_sharded_adam_mwms_script.py). Keras 3.15's ``fit`` cannot start
     with several local devices under MultiWorkerMirrored (its symbolic build
     reduces a tuple of PerReplica batches), so the step is a custom loop:
@@ -256,22 +250,15 @@ def _mwms_child(width: int, depth: int, steps: int, rounds: int) -> dict:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
-    from tensorflow.python.distribute import collective_all_reduce_strategy as cars
+
+    sys.path.insert(0, ROOT)
+    from tests import _harness
 
     local = 2
-    cpus = tf.config.list_physical_devices("CPU")
-    tf.config.set_logical_device_configuration(
-        cpus[0], [tf.config.LogicalDeviceConfiguration()] * local
-    )
-
-    def local_devices(self, cluster_resolver, worker_device):
-        return tuple(f"{worker_device}/device:CPU:{i}" for i in range(local)), "CPU"
-
-    cars.CollectiveAllReduceExtended._initialize_local_devices = local_devices
+    _harness.split_cpu_for_multi_worker(local)
     import keras
     import numpy as np
 
-    sys.path.insert(0, ROOT)
     from tf_async.keras_optimizers import ShardedAdam, _zero_collectives
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()

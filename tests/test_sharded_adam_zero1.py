@@ -15,8 +15,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import _harness
 from tests.test_sharded_adam import BATCH, LR, fit, make_data, max_diff, strategy_for
 from tf_async.keras_optimizers import ShardedAdam, _zero_collectives
+
+
+def mse(prediction, y):
+    return tf.reduce_mean(tf.square(prediction - y))
 
 
 def make_wide_model() -> keras.Model:
@@ -34,17 +39,7 @@ def traced_step_bytes(strategy, make_optimizer):
         optimizer = make_optimizer()
         optimizer.build(model.trainable_variables)
     x, y = make_data(1)
-
-    @tf.function
-    def step(x, y):
-        def replica_fn(x, y):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(tf.square(model(x) - y))
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply(grads, model.trainable_variables)
-
-        strategy.run(replica_fn, args=(x, y))
-
+    step = _harness.apply_step(strategy, model, optimizer, mse)
     with _zero_collectives.count_bytes(strategy) as counter:
         step.get_concrete_function(tf.constant(x[:BATCH]), tf.constant(y[:BATCH]))
     param_bytes = sum(4 * int(np.prod(v.shape)) for v in model.trainable_variables)
@@ -74,8 +69,6 @@ def test_communication_is_one_all_reduce_worth(num_replicas):
 def _collective_op_counts(num_replicas: int) -> dict:
     """Fresh process: collective op types in one traced step under TF's default
     CPU cross-device ops (``CollectiveAllReduce``), for Adam and ShardedAdam."""
-    from tests import _harness
-
     _harness.split_cpu(4)
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:num_replicas]
     strategy = tf.distribute.MirroredStrategy(devices)
@@ -86,17 +79,7 @@ def _collective_op_counts(num_replicas: int) -> dict:
             model = make_wide_model()
             optimizer = make()
             optimizer.build(model.trainable_variables)
-
-        @tf.function
-        def step(x, y):
-            def replica_fn(x, y):
-                with tf.GradientTape() as tape:
-                    loss = tf.reduce_mean(tf.square(model(x) - y))
-                grads = tape.gradient(loss, model.trainable_variables)
-                optimizer.apply(grads, model.trainable_variables)
-
-            strategy.run(replica_fn, args=(x, y))
-
+        step = _harness.apply_step(strategy, model, optimizer, mse)
         spec = tf.TensorSpec([BATCH, 6], tf.float32), tf.TensorSpec([BATCH, 3], tf.float32)
         graph = step.get_concrete_function(*spec).graph
         ops_ = [op.type for op in graph.get_operations() if op.type.startswith("Collective")]
