@@ -9,9 +9,16 @@ with ``tf_async.launch``; row ``MWMS 2x2``, custom training loop, see
 * exact optimizer-state bytes per replica device: every component of every
   optimizer variable (iterations and learning rate included), summed by the
   device it lives on; the per-replica figure is the maximum over devices;
-* train-step time of ``model.fit`` with each optimizer, interleaved
-  (Adam, ShardedAdam, Adam, ...), best (minimum) of the rounds, which is the
-  figure least disturbed by other load on a shared machine;
+* train-step time with each optimizer, in interleaved rounds: each round
+  times Adam and ShardedAdam back to back (order alternating: A B, B A, ...),
+  the round's ratio is ShardedAdam ÷ Adam, and the row's ``ratio`` is the
+  median of the rounds' ratios (min-max printed beside it). A load burst
+  from other jobs on the shared machine hits both halves of a round, and
+  the median ignores the rounds it hit unevenly. Mirrored rows time the
+  steps inside ``model.fit`` (a callback: end of the first step to end of
+  the last; ``fit``'s per-call setup, ~0.3-0.6 s here, is not a step:
+  ``call_ratio`` is the same median for the whole ``fit`` call); the MWMS
+  row times ``steps`` custom-loop steps;
 * reduction bytes per replica per step, counted at trace time
   (``_zero_collectives.count_bytes``) for one traced step
   (``optimizer.apply`` under ``strategy.run``): the bytes each replica hands
@@ -30,7 +37,7 @@ Prints one row per N, then the final lines ``reduction_bytes_over_adam: R``,
 ``step_time_over_adam: R`` and, last, ``state_bytes_over_limit: R`` (each the
 worst N). Goals: <= 1.01, <= 1.10 and <= 1.01.
 
-    python benchmarks/sharded_adam.py --quick      # under 2 minutes
+    python benchmarks/sharded_adam.py --quick      # about 3 minutes
     python benchmarks/sharded_adam.py              # bigger model, more rounds
 """
 
@@ -59,20 +66,66 @@ def _dense_stack(width: int, depth: int):
 
 
 def _apply_step(strategy, model, optimizer):
-    """One custom-loop train step: ``optimizer.apply`` under ``strategy.run``."""
+    """One custom-loop train step (MSE): ``optimizer.apply`` under ``strategy.run``."""
     import tensorflow as tf
 
-    @tf.function
-    def step(x, y):
-        def replica_fn(x, y):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(tf.square(model(x) - y))
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply(grads, model.trainable_variables)
+    sys.path.insert(0, ROOT)
+    from tests import _harness
 
-        strategy.run(replica_fn, args=(x, y))
+    return _harness.apply_step(
+        strategy, model, optimizer, lambda p, y: tf.reduce_mean(tf.square(p - y))
+    )
 
-    return step
+
+def _step_clock():
+    """A Keras callback timing ``fit``'s steps: ``step_time()`` is the wall time
+    from the end of the first step to the end of the last, per step. It leaves
+    out ``fit``'s per-call setup (data adapter, distributed iterator, first
+    prefetch), which at the quick size is most of a short ``fit`` call."""
+    import keras
+
+    class StepClock(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.ends = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
+
+        def step_time(self) -> float:
+            if len(self.ends) < 2:
+                raise ValueError("--steps must be >= 2 to time a step inside fit")
+            return (self.ends[-1] - self.ends[0]) / (len(self.ends) - 1)
+
+    return StepClock()
+
+
+def _interleaved_rounds(time_once, names, rounds: int) -> list:
+    """``rounds`` rounds, each timing every name once, back to back; the order
+    alternates (A B, B A, A B, ...) so neither always runs first after the
+    other. Returns one {name: time_once(name)} per round."""
+    results = []
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        results.append({name: time_once(name) for name in order})
+    return results
+
+
+def _timing_summary(times: dict) -> dict:
+    """Per-round ratios ShardedAdam ÷ Adam (same round: adjacent in time, so
+    a load change on the shared machine hits both), their median, min, max;
+    and each optimizer's median step time."""
+    import numpy as np
+
+    ratios = np.asarray(times["sharded"]) / np.asarray(times["adam"])
+    summary = {
+        "ratio": float(np.median(ratios)),
+        "ratio_min": float(np.min(ratios)),
+        "ratio_max": float(np.max(ratios)),
+    }
+    for name, values in times.items():
+        summary[f"{name}_step_s"] = float(np.median(values))
+    return summary
 
 
 def _state_bytes_per_device(strategy, optimizer) -> dict:
@@ -108,14 +161,13 @@ def _child(num_replicas: int, width: int, depth: int, steps: int, rounds: int) -
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    cpus = tf.config.list_physical_devices("CPU")
-    tf.config.set_logical_device_configuration(
-        cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_replicas
-    )
+    sys.path.insert(0, ROOT)
+    from tests import _harness
+
+    _harness.split_cpu(num_replicas)
     import keras
     import numpy as np
 
-    sys.path.insert(0, ROOT)
     from tf_async.keras_optimizers import ShardedAdam, _zero_collectives
 
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -143,18 +195,21 @@ def _child(num_replicas: int, width: int, depth: int, steps: int, rounds: int) -
     )
 
     def fit_once(name):
+        """(step time, fit-call wall time / steps) of one ``fit`` of ``steps`` steps."""
         model, _ = runs[name]
+        clock = _step_clock()
         start = time.perf_counter()
-        model.fit(x, y, batch_size=global_batch, epochs=1, shuffle=False, verbose=0)
-        return (time.perf_counter() - start) / steps
+        model.fit(x, y, batch_size=global_batch, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[clock])
+        call = (time.perf_counter() - start) / steps
+        return clock.step_time(), call
 
     for name in runs:  # trace + warm up
         fit_once(name)
         fit_once(name)
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name in runs:
-            times[name].append(fit_once(name))
+    rounds_times = _interleaved_rounds(fit_once, list(runs), rounds)
+    times = {name: [t[name][0] for t in rounds_times] for name in runs}
+    calls = {name: [t[name][1] for t in rounds_times] for name in runs}
 
     def reduction_bytes(name) -> dict:
         """Trace-time reduction bytes of one step (``apply`` in ``run``)."""
@@ -177,7 +232,8 @@ def _child(num_replicas: int, width: int, depth: int, steps: int, rounds: int) -
         per_device = _state_bytes_per_device(strategy, runs[name][1])
         result[f"{name}_state_bytes_per_replica"] = max(per_device.values())
         result[f"{name}_state_devices"] = len(per_device)
-        result[f"{name}_step_s"] = float(np.min(times[name]))
+    result.update(_timing_summary(times))
+    result["call_ratio"] = _timing_summary(calls)["ratio"]
     result["max_weight_diff"] = _max_weight_diff(runs["adam"][0], runs["sharded"][0])
     return result
 
@@ -186,7 +242,7 @@ def _mwms_child(width: int, depth: int, steps: int, rounds: int) -> dict:
     """One worker of a 2-process MultiWorkerMirroredStrategy, 2 CPU devices each.
 
     TF gives a CPU worker one device; the two logical CPUs are handed to the
-    strategy by overriding ``_initialize_local_devices`` (as in
+    strategy by ``tests/_harness.split_cpu_for_multi_worker`` (as in
     tests/_sharded_adam_mwms_script.py). Keras 3.15's ``fit`` cannot start
     with several local devices under MultiWorkerMirrored (its symbolic build
     reduces a tuple of PerReplica batches), so the step is a custom loop:
@@ -194,22 +250,15 @@ def _mwms_child(width: int, depth: int, steps: int, rounds: int) -> dict:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
-    from tensorflow.python.distribute import collective_all_reduce_strategy as cars
+
+    sys.path.insert(0, ROOT)
+    from tests import _harness
 
     local = 2
-    cpus = tf.config.list_physical_devices("CPU")
-    tf.config.set_logical_device_configuration(
-        cpus[0], [tf.config.LogicalDeviceConfiguration()] * local
-    )
-
-    def local_devices(self, cluster_resolver, worker_device):
-        return tuple(f"{worker_device}/device:CPU:{i}" for i in range(local)), "CPU"
-
-    cars.CollectiveAllReduceExtended._initialize_local_devices = local_devices
+    _harness.split_cpu_for_multi_worker(local)
     import keras
     import numpy as np
 
-    sys.path.insert(0, ROOT)
     from tf_async.keras_optimizers import ShardedAdam, _zero_collectives
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -252,14 +301,11 @@ def _mwms_child(width: int, depth: int, steps: int, rounds: int) -> dict:
 
     for name in runs:
         run_steps(name)
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name in runs:
-            times[name].append(run_steps(name))
+    rounds_times = _interleaved_rounds(run_steps, list(runs), rounds)
+    result.update(_timing_summary({name: [t[name] for t in rounds_times] for name in runs}))
     for name, (model, optimizer, _) in runs.items():
         per_device = _state_bytes_per_device(strategy, optimizer)
         result[f"{name}_state_bytes_per_replica"] = max(per_device.values())
-        result[f"{name}_step_s"] = float(np.min(times[name]))
     result["max_weight_diff"] = _max_weight_diff(runs["adam"][0], runs["sharded"][0])
     return result
 
@@ -279,8 +325,8 @@ def main() -> None:
     args = parser.parse_args()
     width = args.width or (256 if args.quick else 1024)
     depth = args.depth or 4
-    steps = args.steps or (8 if args.quick else 20)
-    rounds = args.rounds or (5 if args.quick else 9)
+    steps = args.steps or (16 if args.quick else 20)
+    rounds = args.rounds or 9
 
     if args.child is not None:
         print("RESULT " + json.dumps(_child(args.child, width, depth, steps, rounds)))
@@ -324,9 +370,10 @@ def main() -> None:
             raise SystemExit(f"MultiWorkerMirrored run failed (exit {output.returncode})")
         results.append(json.loads(lines[-1].split("RESULT ", 1)[1]))
 
-    print(f"model: {depth} Dense layers, width {width}; P = {results[0]['param_bytes']} bytes")
+    print(f"model: {depth} Dense layers, width {width}; P = {results[0]['param_bytes']} bytes;"
+          f" {steps} steps x {rounds} interleaved rounds")
     print("N  adam_state/replica  sharded_state/replica  limit(2P/N)  sharded/limit"
-          "  adam_step_ms  sharded_step_ms  ratio  max|dw|"
+          "  adam_step_ms  sharded_step_ms  ratio  (min-max)  call_ratio  max|dw|"
           "  adam_in_B  sharded_in_B  adam_wire_B  sharded_wire_B  wire_ratio")
     worst_state, worst_time, worst_bytes = 0.0, 0.0, 0.0
     for r in results:
@@ -334,13 +381,15 @@ def main() -> None:
         worst_bytes = max(worst_bytes, bytes_ratio)
         limit = 2 * r["param_bytes"] / r["N"]
         state_ratio = r["sharded_state_bytes_per_replica"] / limit
-        time_ratio = r["sharded_step_s"] / r["adam_step_s"]
+        time_ratio = r["ratio"]
         worst_state, worst_time = max(worst_state, state_ratio), max(worst_time, time_ratio)
+        call_ratio = f"{r['call_ratio']:.3f}" if "call_ratio" in r else "-"
         print(
             f"{r.get('label', r['N'])!s:<2} {r['adam_state_bytes_per_replica']:>18} "
             f"{r['sharded_state_bytes_per_replica']:>22} {limit:>12.0f} {state_ratio:>14.5f}"
             f"  {1e3 * r['adam_step_s']:>12.2f} {1e3 * r['sharded_step_s']:>16.2f}"
-            f"  {time_ratio:>5.3f}  {r['max_weight_diff']:.1e}"
+            f"  {time_ratio:>5.3f}  ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})"
+            f"  {call_ratio:>10}  {r['max_weight_diff']:.1e}"
             f"  {r['adam_reduction_input_bytes']:>9.0f}"
             f"  {r['sharded_reduction_input_bytes']:>12.0f}"
             f"  {r['adam_reduction_wire_bytes']:>11.0f}"

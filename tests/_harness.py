@@ -116,3 +116,38 @@ def fit_interrupted_then_resumed(model, data, backup_dir: str, epochs: int,
     results["resumed_epochs"] = history.epoch
     results["iterations_after_resume"] = int(model.optimizer.iterations.numpy())
     return results
+
+
+def split_cpu_for_multi_worker(count: int) -> None:
+    """This worker's CPU as ``count`` logical devices, all of them used by
+    ``MultiWorkerMirroredStrategy`` (the stand-in for a host with ``count``
+    GPUs). Call before TensorFlow initialises. TF 2.21 gives a CPU worker one
+    device (``CollectiveAllReduceExtended._initialize_local_devices``); that
+    method is overridden here. Used by tests/_sharded_adam_mwms_script.py and
+    benchmarks/sharded_adam.py."""
+    from tensorflow.python.distribute import collective_all_reduce_strategy as cars
+
+    split_cpu(count)
+
+    def local_devices(self, cluster_resolver, worker_device):
+        return tuple(f"{worker_device}/device:CPU:{i}" for i in range(count)), "CPU"
+
+    cars.CollectiveAllReduceExtended._initialize_local_devices = local_devices
+
+
+def apply_step(strategy, model, optimizer, loss_fn):
+    """A custom-loop train step, ``step(x, y)``: under ``strategy.run``, the
+    gradients of ``loss_fn(model(x), y)`` and ``optimizer.apply``."""
+    import tensorflow as tf
+
+    @tf.function
+    def step(x, y):
+        def replica_fn(x, y):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(model(x), y)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply(grads, model.trainable_variables)
+
+        strategy.run(replica_fn, args=(x, y))
+
+    return step

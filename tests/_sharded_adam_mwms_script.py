@@ -9,10 +9,9 @@ a scratch directory, as TF's multi-worker checkpointing has every worker
 save), a ``tf.train.Checkpoint`` of the ShardedAdam and the reference state
 as ``adam_state.npz``.
 
-MultiWorkerMirroredStrategy gives a CPU worker one device (TF 2.21
-``CollectiveAllReduceExtended._initialize_local_devices``); the two logical
-CPUs are handed to it by overriding that method, the stand-in for a host
-with 2 GPUs.
+MultiWorkerMirroredStrategy gives a CPU worker one device; the two logical
+CPUs are handed to it by ``_harness.split_cpu_for_multi_worker`` (the
+stand-in for a host with 2 GPUs).
 """
 
 import json
@@ -25,28 +24,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from tests import _harness  # noqa: E402
+
 LOCAL_DEVICES = 2
 STEPS = 10
 PER_REPLICA_BATCH = 4
 
 
-def _two_cpus_per_worker():
-    from tensorflow.python.distribute import collective_all_reduce_strategy as cars
-
-    cpus = tf.config.list_physical_devices("CPU")
-    tf.config.set_logical_device_configuration(
-        cpus[0], [tf.config.LogicalDeviceConfiguration()] * LOCAL_DEVICES
-    )
-
-    def local_devices(self, cluster_resolver, worker_device):
-        return tuple(f"{worker_device}/device:CPU:{i}" for i in range(LOCAL_DEVICES)), "CPU"
-
-    cars.CollectiveAllReduceExtended._initialize_local_devices = local_devices
-
-
 def main():
     out_dir = sys.argv[1]
-    _two_cpus_per_worker()
+    _harness.split_cpu_for_multi_worker(LOCAL_DEVICES)
     import keras
 
     keras.config.disable_traceback_filtering()
@@ -87,19 +74,13 @@ def main():
             optimizer = make_optimizer()
             optimizer.build(model.trainable_variables)
 
-        @tf.function
-        def step(batch):
-            def replica_fn(x, y):
-                with tf.GradientTape() as tape:
-                    per_example = tf.reduce_mean(tf.square(model(x) - y), axis=-1)
-                    loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-                grads = tape.gradient(loss, model.trainable_variables)
-                optimizer.apply(grads, model.trainable_variables)
+        def loss_fn(prediction, y):
+            per_example = tf.reduce_mean(tf.square(prediction - y), axis=-1)
+            return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
 
-            strategy.run(replica_fn, args=batch)
-
+        step = _harness.apply_step(strategy, model, optimizer, loss_fn)
         for batch in strategy.experimental_distribute_dataset(dataset()):
-            step(batch)
+            step(*batch)
         return model, optimizer
 
     kwargs = dict(weight_decay=0.05, amsgrad=True)

@@ -2,7 +2,8 @@
 
 Strategies come from ``tests/test_sharded_adam.py`` (``ReductionToOneDevice``;
 see its docstring); TF's collective implementation is covered in a fresh
-process there and in ``benchmarks/sharded_adam.py``.
+process there, here (the collective ops one traced step launches) and in
+``benchmarks/sharded_adam.py``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import _harness
 from tests.test_sharded_adam import BATCH, LR, fit, make_data, max_diff, strategy_for
 from tf_async.keras_optimizers import ShardedAdam, _zero_collectives
+
+
+def mse(prediction, y):
+    return tf.reduce_mean(tf.square(prediction - y))
 
 
 def make_wide_model() -> keras.Model:
@@ -33,17 +39,7 @@ def traced_step_bytes(strategy, make_optimizer):
         optimizer = make_optimizer()
         optimizer.build(model.trainable_variables)
     x, y = make_data(1)
-
-    @tf.function
-    def step(x, y):
-        def replica_fn(x, y):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(tf.square(model(x) - y))
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply(grads, model.trainable_variables)
-
-        strategy.run(replica_fn, args=(x, y))
-
+    step = _harness.apply_step(strategy, model, optimizer, mse)
     with _zero_collectives.count_bytes(strategy) as counter:
         step.get_concrete_function(tf.constant(x[:BATCH]), tf.constant(y[:BATCH]))
     param_bytes = sum(4 * int(np.prod(v.shape)) for v in model.trainable_variables)
@@ -68,6 +64,39 @@ def test_communication_is_one_all_reduce_worth(num_replicas):
     assert sharded.per_replica(_zero_collectives.ALL_GATHER) == padded / num_replicas
     ratio = sharded.wire_bytes(num_replicas) / adam.wire_bytes(num_replicas)
     assert 1.0 <= ratio <= 1.01
+
+
+def _collective_op_counts(num_replicas: int) -> dict:
+    """Fresh process: collective op types in one traced step under TF's default
+    CPU cross-device ops (``CollectiveAllReduce``), for Adam and ShardedAdam."""
+    _harness.split_cpu(4)
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:num_replicas]
+    strategy = tf.distribute.MirroredStrategy(devices)
+    counts = {}
+    for name, make in (("adam", lambda: keras.optimizers.Adam(LR)),
+                       ("sharded", lambda: ShardedAdam(LR))):
+        with strategy.scope():
+            model = make_wide_model()
+            optimizer = make()
+            optimizer.build(model.trainable_variables)
+        step = _harness.apply_step(strategy, model, optimizer, mse)
+        spec = tf.TensorSpec([BATCH, 6], tf.float32), tf.TensorSpec([BATCH, 3], tf.float32)
+        graph = step.get_concrete_function(*spec).graph
+        ops_ = [op.type for op in graph.get_operations() if op.type.startswith("Collective")]
+        counts[name] = {kind: ops_.count(kind) for kind in sorted(set(ops_))}
+        counts[f"{name}_variables"] = len(model.trainable_variables)
+    return counts
+
+
+@pytest.mark.slow
+def test_collectives_are_packed_one_pair_per_step(fresh_process):
+    """All variables' gradients travel in one flat buffer: per replica and step
+    one all-to-all (the reduce-scatter) and one all-gather, whatever the
+    number of variables — as Keras Adam's one packed all-reduce."""
+    counts = fresh_process(_collective_op_counts, 4, timeout=300)
+    assert counts["adam_variables"] == counts["sharded_variables"] == 4
+    assert counts["adam"] == {"CollectiveReduceV2": 4}
+    assert counts["sharded"] == {"CollectiveAllToAllV2": 4, "CollectiveGatherV2": 4}
 
 
 def _force_dynamic_replica_id(monkeypatch):
