@@ -190,13 +190,17 @@ def _worker(args) -> None:
             self.started = None
             self.step = 0
             self.first_step_seconds = None
+            self.step_seconds = []  # each step's own time (the profile)
+            self.batch_started = None
 
         def on_train_batch_begin(self, batch, logs=None):
+            self.batch_started = time.monotonic()
             if self.started is None:
-                self.started = time.monotonic()
+                self.started = self.batch_started
 
         def on_train_batch_end(self, batch, logs=None):
             self.step += 1
+            self.step_seconds.append(round(time.monotonic() - self.batch_started, 4))
             if self.step == 1:  # exclude the first step (tracing)
                 self.first_step_seconds = time.monotonic() - self.started
                 self.started = time.monotonic()
@@ -219,7 +223,7 @@ def _worker(args) -> None:
     result = {
         "mode": mode, "task": os.environ.get("TF_ASYNC_TASK"), "curve": curve,
         "params": model.count_params(), "syncs": syncs, "corpus": info,
-        "first_step_seconds": clock.first_step_seconds,
+        "first_step_seconds": clock.first_step_seconds, "step_seconds": clock.step_seconds,
     }
     print("CURVE " + json.dumps(result), flush=True)
 
