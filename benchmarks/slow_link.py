@@ -46,6 +46,7 @@ from _flags import positive_int  # noqa: E402 (benchmarks/ is on sys.path)
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MODES = ("sync", "local_sgd_h16", "diloco_h64")
+SYNC_EVERY = {"sync": 1, "local_sgd_h16": 16, "diloco_h64": 64}
 
 
 def _positive_float(text: str) -> float:
@@ -130,10 +131,10 @@ def _worker(args) -> None:
     mode = args.worker
     strategy = (SyncStrategy if mode == "sync" else tf.distribute.MultiWorkerMirroredStrategy)()
     if mode == "local_sgd_h16":
-        strategy = LocalUpdateStrategy(strategy, sync_every=16, averaging="mean")
+        strategy = LocalUpdateStrategy(strategy, sync_every=SYNC_EVERY[mode], averaging="mean")
     elif mode == "diloco_h64":
         strategy = LocalUpdateStrategy(
-            strategy, sync_every=64, averaging="diloco",
+            strategy, sync_every=SYNC_EVERY[mode], averaging="diloco",
             outer_learning_rate=0.7, outer_momentum=0.9,
         )
     elif mode != "sync":
@@ -273,6 +274,19 @@ def _loss_at(curve, step):
     return None
 
 
+def _step_profile(result, mode):
+    """Median seconds of a local step and of a step that ends in a sync (the
+    first step, traced, left out); None where a mode has no such steps."""
+    import statistics
+
+    times = result.get("step_seconds") or []
+    every = SYNC_EVERY[mode]
+    syncing = [t for k, t in enumerate(times[1:], start=2) if k % every == 0]
+    local = [t for k, t in enumerate(times[1:], start=2) if k % every]
+    return (statistics.median(local) if local else None,
+            statistics.median(syncing) if syncing else None)
+
+
 def _summarise(runs, args) -> dict:
     """Per-run metrics, and the summary lines."""
     import math
@@ -298,7 +312,13 @@ def _summarise(runs, args) -> dict:
                 "loss_at_sync_steps": _loss_at(curve, sync[-1]["step"]),
                 "syncs": result["syncs"],
                 "link": _link_summary(result["link"]),
+                "gap_by_step": {
+                    p["step"]: (_loss_at(curve, p["step"]) - p["val_loss"]) / p["val_loss"]
+                    for p in sync[1:] if _loss_at(curve, p["step"]) is not None
+                },
             }
+            row[mode]["local_step_seconds"], row[mode]["sync_step_seconds"] = (
+                _step_profile(result, mode))
             at = row[mode]["loss_at_sync_steps"]
             row[mode]["gap_at_equal_steps"] = None if at is None else (at - target) / target
         per_run.append(row)
@@ -347,6 +367,15 @@ def _print(per_run, args, info) -> None:
         print(f"{mode}_speedup_to_sync_loss_runs: {[round(s, 2) for s in speedups]}")
         print(f"{mode}_loss_gap_at_equal_steps_runs: "
               f"{[None if g is None else round(g, 4) for g in gaps]}")
+        print(f"# {mode} gap to sync by step, per run: "
+              f"{[{k: round(g, 4) for k, g in row[mode]['gap_by_step'].items()} for row in per_run]}")
+    for mode in per_run[0]:
+        profile = [(row[mode]["local_step_seconds"], row[mode]["sync_step_seconds"])
+                   for row in per_run]
+        text = ", ".join(
+            f"local {'-' if a is None else f'{a:.3f}'} s, syncing {'-' if b is None else f'{b:.3f}'} s"
+            for a, b in profile)
+        print(f"# {mode} median step time per run: {text}")
     if "diloco_h64" in per_run[0]:
         import statistics
 
