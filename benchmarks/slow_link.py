@@ -24,7 +24,9 @@ the first step's tracing excluded), measured in worker 0.
 
 Prints per mode: final validation loss, wall time, seconds per step, time to
 reach sync's final validation loss, the loss at sync's last step, and the link
-the relay measured. Final lines (2 workers, 20 ms / 100 Mbit/s by default):
+the relay measured; then each local mode's gap to sync at every common
+evaluation step, and each mode's median step time, local and syncing (the
+profile: a local step should not pay the link). Final lines (2 workers, 20 ms / 100 Mbit/s by default):
 ``diloco_loss_gap_at_equal_steps: X`` (relative: (DiLoCo − sync) / sync at
 sync's step count; goal <= 0.02) and ``diloco_speedup_to_sync_loss: X`` (sync's
 time to its final loss ÷ DiLoCo's time to the same loss; goal >= 4; ``0`` if
