@@ -68,15 +68,44 @@ def val_windows(data: np.ndarray, context: int, count: int):
     return windows[:, :-1], windows[:, 1:]
 
 
+def _byte_embedding_layer():
+    import keras
+
+    class ByteEmbedding(keras.layers.Layer):
+        """Byte + learned position embedding: ``one_hot(x) @ E + P``.
+
+        The table lookup is a matmul with the one-hot bytes, so both tables'
+        gradients are dense: a gather's gradient is an ``IndexedSlices``, which
+        MultiWorkerMirrored all-reduces with three more collectives per step (an
+        all-gather of lengths, of values, of indices), each paying the link's
+        round trips. The position table is a weight of this layer, so trained
+        (a Keras layer called on a constant in a functional model is not).
+        """
+
+        def __init__(self, vocab, context, width, **kwargs):
+            super().__init__(**kwargs)
+            self.vocab, self.context, self.width = vocab, context, width
+
+        def build(self, input_shape):
+            init = keras.initializers.RandomUniform(-0.05, 0.05)
+            self.table = self.add_weight((self.vocab, self.width), init, name="bytes")
+            self.positions = self.add_weight((self.context, self.width), init, name="positions")
+
+        def call(self, tokens):
+            one_hot = keras.ops.one_hot(tokens, self.vocab, dtype=self.compute_dtype)
+            return keras.ops.matmul(one_hot, self.table) + self.positions
+
+    return ByteEmbedding
+
+
 def make_model(context: int, width: int, layers: int, heads: int, seed: int):
-    """Pre-LN decoder-only transformer over bytes (Keras layers), logits over 256."""
+    """Pre-LN decoder-only transformer over bytes (Keras layers), logits over 256;
+    every gradient dense (``ByteEmbedding``)."""
     import keras
 
     keras.utils.set_random_seed(seed)
     tokens = keras.Input((context,), dtype="int32")
-    x = keras.layers.Embedding(256, width)(tokens)
-    positions = keras.ops.arange(context)
-    x = x + keras.layers.Embedding(context, width)(positions)[None]
+    x = _byte_embedding_layer()(256, context, width)(tokens)
     for _ in range(layers):
         h = keras.layers.LayerNormalization(epsilon=1e-5)(x)
         h = keras.layers.MultiHeadAttention(heads, width // heads)(h, h, use_causal_mask=True)

@@ -24,7 +24,9 @@ the first step's tracing excluded), measured in worker 0.
 
 Prints per mode: final validation loss, wall time, seconds per step, time to
 reach sync's final validation loss, the loss at sync's last step, and the link
-the relay measured. Final lines (2 workers, 20 ms / 100 Mbit/s by default):
+the relay measured; then each local mode's gap to sync at every common
+evaluation step, and each mode's median step time, local and syncing (the
+profile: a local step should not pay the link). Final lines (2 workers, 20 ms / 100 Mbit/s by default):
 ``diloco_loss_gap_at_equal_steps: X`` (relative: (DiLoCo − sync) / sync at
 sync's step count; goal <= 0.02) and ``diloco_speedup_to_sync_loss: X`` (sync's
 time to its final loss ÷ DiLoCo's time to the same loss; goal >= 4; ``0`` if
@@ -46,6 +48,10 @@ from _flags import positive_int  # noqa: E402 (benchmarks/ is on sys.path)
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MODES = ("sync", "local_sgd_h16", "diloco_h64")
+# Not run by default: plain averaging at DiLoCo's H (= DiLoCo with outer lr 1,
+# momentum 0), to tell what the outer Nesterov step adds.
+EXTRA_MODES = ("local_sgd_h64",)
+SYNC_EVERY = {"sync": 1, "local_sgd_h16": 16, "diloco_h64": 64, "local_sgd_h64": 64}
 
 
 def _positive_float(text: str) -> float:
@@ -129,11 +135,11 @@ def _worker(args) -> None:
 
     mode = args.worker
     strategy = (SyncStrategy if mode == "sync" else tf.distribute.MultiWorkerMirroredStrategy)()
-    if mode == "local_sgd_h16":
-        strategy = LocalUpdateStrategy(strategy, sync_every=16, averaging="mean")
+    if mode in ("local_sgd_h16", "local_sgd_h64"):
+        strategy = LocalUpdateStrategy(strategy, sync_every=SYNC_EVERY[mode], averaging="mean")
     elif mode == "diloco_h64":
         strategy = LocalUpdateStrategy(
-            strategy, sync_every=64, averaging="diloco",
+            strategy, sync_every=SYNC_EVERY[mode], averaging="diloco",
             outer_learning_rate=0.7, outer_momentum=0.9,
         )
     elif mode != "sync":
@@ -190,13 +196,17 @@ def _worker(args) -> None:
             self.started = None
             self.step = 0
             self.first_step_seconds = None
+            self.step_seconds = []  # each step's own time (the profile)
+            self.batch_started = None
 
         def on_train_batch_begin(self, batch, logs=None):
+            self.batch_started = time.monotonic()
             if self.started is None:
-                self.started = time.monotonic()
+                self.started = self.batch_started
 
         def on_train_batch_end(self, batch, logs=None):
             self.step += 1
+            self.step_seconds.append(round(time.monotonic() - self.batch_started, 4))
             if self.step == 1:  # exclude the first step (tracing)
                 self.first_step_seconds = time.monotonic() - self.started
                 self.started = time.monotonic()
@@ -219,7 +229,7 @@ def _worker(args) -> None:
     result = {
         "mode": mode, "task": os.environ.get("TF_ASYNC_TASK"), "curve": curve,
         "params": model.count_params(), "syncs": syncs, "corpus": info,
-        "first_step_seconds": clock.first_step_seconds,
+        "first_step_seconds": clock.first_step_seconds, "step_seconds": clock.step_seconds,
     }
     print("CURVE " + json.dumps(result), flush=True)
 
@@ -269,6 +279,19 @@ def _loss_at(curve, step):
     return None
 
 
+def _step_profile(result, mode):
+    """Median seconds of a local step and of a step that ends in a sync (the
+    first step, traced, left out); None where a mode has no such steps."""
+    import statistics
+
+    times = result.get("step_seconds") or []
+    every = SYNC_EVERY[mode]
+    syncing = [t for k, t in enumerate(times[1:], start=2) if k % every == 0]
+    local = [t for k, t in enumerate(times[1:], start=2) if k % every]
+    return (statistics.median(local) if local else None,
+            statistics.median(syncing) if syncing else None)
+
+
 def _summarise(runs, args) -> dict:
     """Per-run metrics, and the summary lines."""
     import math
@@ -294,7 +317,13 @@ def _summarise(runs, args) -> dict:
                 "loss_at_sync_steps": _loss_at(curve, sync[-1]["step"]),
                 "syncs": result["syncs"],
                 "link": _link_summary(result["link"]),
+                "gap_by_step": {
+                    p["step"]: (_loss_at(curve, p["step"]) - p["val_loss"]) / p["val_loss"]
+                    for p in sync[1:] if _loss_at(curve, p["step"]) is not None
+                },
             }
+            row[mode]["local_step_seconds"], row[mode]["sync_step_seconds"] = (
+                _step_profile(result, mode))
             at = row[mode]["loss_at_sync_steps"]
             row[mode]["gap_at_equal_steps"] = None if at is None else (at - target) / target
         per_run.append(row)
@@ -343,6 +372,15 @@ def _print(per_run, args, info) -> None:
         print(f"{mode}_speedup_to_sync_loss_runs: {[round(s, 2) for s in speedups]}")
         print(f"{mode}_loss_gap_at_equal_steps_runs: "
               f"{[None if g is None else round(g, 4) for g in gaps]}")
+        print(f"# {mode} gap to sync by step, per run: "
+              f"{[{k: round(g, 4) for k, g in row[mode]['gap_by_step'].items()} for row in per_run]}")
+    for mode in per_run[0]:
+        profile = [(row[mode]["local_step_seconds"], row[mode]["sync_step_seconds"])
+                   for row in per_run]
+        text = ", ".join(
+            f"local {'-' if a is None else f'{a:.3f}'} s, syncing {'-' if b is None else f'{b:.3f}'} s"
+            for a, b in profile)
+        print(f"# {mode} median step time per run: {text}")
     if "diloco_h64" in per_run[0]:
         import statistics
 
@@ -359,7 +397,8 @@ def _plot(runs, path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
-    colours = {"sync": "black", "local_sgd_h16": "tab:blue", "diloco_h64": "tab:red"}
+    colours = {"sync": "black", "local_sgd_h16": "tab:blue", "diloco_h64": "tab:red",
+               "local_sgd_h64": "tab:green"}
     for k, modes in enumerate(runs):
         for mode, result in modes.items():
             curve = result["curve"]
@@ -404,8 +443,9 @@ def main(argv=None) -> None:
         return
     modes = [m for m in args.modes.split(",") if m]
     for mode in modes:
-        if mode not in MODES:
-            parser.error(f"argument --modes: each must be one of {MODES}, got {mode!r}")
+        if mode not in MODES + EXTRA_MODES:
+            parser.error(
+                f"argument --modes: each must be one of {MODES + EXTRA_MODES}, got {mode!r}")
     if "sync" not in modes:
         parser.error("argument --modes: must include 'sync' (the target loss)")
     if args.from_json:

@@ -215,6 +215,28 @@ def test_diloco_with_momentum_differs_from_mean(logical_devices):
     assert max(np.abs(a - b).max() for a, b in zip(*results)) > 1e-4
 
 
+def test_diloco_averager_is_keras_nesterov_sgd_on_the_outer_gradient():
+    """DiLoCo's outer step (Douillard et al. 2023, Algorithm 1; PyTorch
+    ``SGD(lr=0.7, momentum=0.9, nesterov=True)`` in their code) is Nesterov
+    SGD on the centre with the outer gradient ``centre - mean``: compared, over
+    several syncs, with Keras' own ``SGD(nesterov=True)``."""
+    averager = averagers.DiLoCoAverager(outer_learning_rate=0.7, outer_momentum=0.9)
+    start = np.array([1.0, -2.0, 0.5], np.float32)
+    averager.build(tf.constant(start))
+    reference = tf.Variable(start)
+    outer = keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        centre = averager.centre.numpy()
+        local = [tf.constant(centre + rng.normal(size=3).astype(np.float32)) for _ in range(2)]
+        mean = tf.add_n(local) / 2.0
+        new = averager.average(local, [mean, mean], num_replicas=2)
+        outer.apply([tf.constant(reference.numpy() - mean.numpy())], [reference])
+        np.testing.assert_allclose(averager.centre.numpy(), reference.numpy(), rtol=1e-6, atol=1e-6)
+        for w in new:  # every replica restarts from the new centre
+            np.testing.assert_array_equal(w.numpy(), averager.centre.numpy())
+
+
 def test_easgd_averager_alpha0_never_moves_centre():
     averager = averagers.EASGDAverager(alpha=0.0)
     centre0 = tf.constant([1.0, -2.0, 3.0])
