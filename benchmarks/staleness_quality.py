@@ -1,24 +1,33 @@
 """Staleness-robust optimizers: asynchronous accuracy vs synchronous.
 
-scikit-learn's 8x8 handwritten digits (MNIST via tfds if on disk), MLP
-64-128-10, batch 32, the same number of steps for every run. For each base,
-SGD with momentum 0.9 and Adam:
+Two tasks on scikit-learn's 8x8 handwritten digits (MNIST via tfds if on
+disk): ``mlp`` (MLP 64-128-10) and ``cnn`` (a small conv net on the 8x8
+images: conv 3x3x16, max-pool 2, conv 3x3x32, dense 10). Batch 32, the same
+number of steps for every run. The training set is split 80/20 into train and
+validation; the test split is only used for the reported numbers. For each
+task and base, SGD with momentum 0.9 and Adam:
 
-1. sync: one worker, learning rate from a printed grid, chosen on a
-   validation split carved out of the training set (the *sync-best* rate);
-2. async M = 16 and 32: ``SimulatedAsyncStrategy(M, "round_robin")`` (τ = M − 1)
-   with the plain base at the sync-best rate and with the recommended tf_async
-   method GapAware(DANA base) (``GapAware(DanaSGD)`` / ``GapAware(DanaAdam)``;
-   ``--all_methods`` adds GapAware(base) without the look-ahead), each
-   with its learning rate chosen on the validation split from
-   {sync-best, sync-best / 3} (seed 0; the chosen rate is then run on every
-   seed). The test split is only used for the reported numbers.
+1. sync: one worker, the learning rate from a printed grid (``SYNC_GRID``)
+   chosen on validation accuracy averaged over the seeds (the *sync-best*
+   rate);
+2. async M in ``--workers`` (8, 16, 32; ``--quick``: 16, 32):
+   ``SimulatedAsyncStrategy(M, "round_robin")`` (τ = M − 1) with the plain
+   base at the sync-best rate and the recommended tf_async method
+   (``RECOMMENDED``; ``--all_methods`` adds GapAware(base) without the
+   look-ahead), each method's hyper-parameters chosen from a printed grid
+   (``method_grid``: learning rate sync-best, /3, /10) on validation accuracy
+   averaged over the seeds;
+3. ``AsyncParameterServerStrategy`` with ``--ps_workers`` (8) in-process
+   workers (real, not simulated, staleness; ``mlp`` task): the same
+   comparison, the measured ``staleness_mean`` printed. ``--ps_workers 0``
+   skips it.
 
-Numbers are means over ``--seeds`` seeds, with the spread (min–max) printed.
+Every run of a grid is repeated on each of ``--seeds`` seeds (quick: 2, full:
+3); numbers are means over seeds with the spread (min–max).
 
-Final line: ``worst_gap_to_sync_points: X`` — the minimum over
-{SGD-momentum, Adam} x {M = 16, 32} of (recommended method − sync) test
-accuracy in points. Recommended: GapAware(DanaSGD) and GapAware(DanaAdam).
+Final line: ``worst_gap_to_sync_points: X`` — the minimum over the tasks x
+{SGD-momentum, Adam} x {M = 16, 32} of (best tf_async method, chosen on
+validation − sync) test accuracy in points.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import os
 import sys
 import time
 
-from _flags import positive_int  # noqa: E402 (benchmarks/ is on sys.path)
+from _flags import non_negative_int, positive_int  # noqa: E402 (benchmarks/ is on sys.path)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -42,14 +51,19 @@ from tf_async.keras_optimizers import DanaAdam, DanaSGD, GapAware  # noqa: E402
 from tf_async.strategies import SimulatedAsyncStrategy  # noqa: E402
 
 MOMENTUM = 0.9
-SYNC_GRID = {"SGD-momentum": (0.01, 0.03, 0.1), "Adam": (1e-3, 3e-3)}
+TASKS = ("mlp", "cnn")
+BASES = ("SGD-momentum", "Adam")
+SYNC_GRID = {"SGD-momentum": (0.01, 0.03, 0.1, 0.3), "Adam": (3e-4, 1e-3, 3e-3)}
 RECOMMENDED = {"SGD-momentum": "GapAware(DanaSGD)", "Adam": "GapAware(DanaAdam)"}
+GAP_WORKERS = (16, 32)  # the final line's M
 
 
-def make_optimizer(base: str, method: str, lr: float):
+def make_optimizer(base: str, method: str, config: dict):
+    lr = config["lr"]
     if base == "SGD-momentum":
-        plain = lambda: keras.optimizers.SGD(lr, momentum=MOMENTUM)  # noqa: E731
-        dana = lambda: DanaSGD(lr, momentum=MOMENTUM)  # noqa: E731
+        momentum = config.get("momentum", MOMENTUM)
+        plain = lambda: keras.optimizers.SGD(lr, momentum=momentum)  # noqa: E731
+        dana = lambda: DanaSGD(lr, momentum=momentum)  # noqa: E731
     else:
         plain = lambda: keras.optimizers.Adam(lr)  # noqa: E731
         dana = lambda: DanaAdam(lr)  # noqa: E731
@@ -66,94 +80,200 @@ def methods_for(base: str, every: bool):
     return ("base", "GapAware", RECOMMENDED[base]) if every else ("base", RECOMMENDED[base])
 
 
-def train(base, method, lr, workers, data, args, seed):
+def method_grid(base: str, method: str, lr_sync: float):
+    """The hyper-parameter candidates of ``method`` (the base: the sync-best rate)."""
+    if method == "base":
+        return [{"lr": lr_sync}]
+    return [{"lr": lr_sync}, {"lr": lr_sync / 3}, {"lr": lr_sync / 10}]
+
+
+def build_model(task: str, inputs: int, hidden: int) -> keras.Model:
+    if task == "mlp":
+        return keras.Sequential([
+            keras.Input((inputs,)),
+            keras.layers.Dense(hidden, activation="relu"),
+            keras.layers.Dense(10),
+        ])
+    side = int(round(inputs ** 0.5))
+    return keras.Sequential([
+        keras.Input((inputs,)),
+        keras.layers.Reshape((side, side, 1)),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    ])
+
+
+def _accuracy(model, x, y) -> float:
+    logits = np.asarray(model(x, training=False))
+    if not np.all(np.isfinite(logits)):
+        return 0.0
+    return 100.0 * float(np.mean(np.argmax(logits, -1) == y))
+
+
+def train(task, base, method, config, strategy, data, args, seed):
+    """One run; returns validation and test accuracy (points) and the strategy's
+    last ``staleness_mean`` (None without one)."""
     x_train, y_train, x_val, y_val, x_test, y_test = data
-    strategy = (SimulatedAsyncStrategy(workers, "round_robin") if workers > 1
-                else tf.distribute.OneDeviceStrategy("/cpu:0"))
     keras.utils.set_random_seed(seed)
     dataset = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
                .shuffle(len(x_train), seed=seed).repeat().batch(args.batch))
     with strategy.scope():
-        model = keras.Sequential([
-            keras.Input((x_train.shape[1],)),
-            keras.layers.Dense(args.hidden, activation="relu"),
-            keras.layers.Dense(10),
-        ])
-        model.compile(make_optimizer(base, method, lr),
+        model = build_model(task, x_train.shape[1], args.hidden)
+        model.compile(make_optimizer(base, method, config),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"], jit_compile=True)
-    model.fit(dataset, epochs=1, steps_per_epoch=args.steps, verbose=0)
-    train_loss, _ = model.evaluate(x_train, y_train, verbose=0, batch_size=512)
-    _, val_acc = model.evaluate(x_val, y_val, verbose=0, batch_size=512)
-    _, test_acc = model.evaluate(x_test, y_test, verbose=0, batch_size=512)
-    if not np.isfinite(train_loss):
-        val_acc = test_acc = 0.0
-    return {"val": 100 * val_acc, "test": 100 * test_acc}
+                      jit_compile=args.jit)
+    history = model.fit(dataset, epochs=1, steps_per_epoch=args.steps, verbose=0)
+    tau = history.history.get("staleness_mean", [None])[-1]
+    return {"val": _accuracy(model, x_val, y_val), "test": _accuracy(model, x_test, y_test),
+            "tau": tau}
+
+
+def simulated(workers: int):
+    if workers == 1:
+        return tf.distribute.OneDeviceStrategy("/cpu:0")
+    return SimulatedAsyncStrategy(workers, "round_robin")
+
+
+def _describe(config: dict) -> str:
+    return " ".join(f"{key} {value:g}" for key, value in config.items())
+
+
+def select(label, task, base, method, grid, strategy_for, data, args):
+    """Every candidate on every seed; the one with the best mean validation
+    accuracy wins. Prints the grid (val/test means) and the winner's seeds."""
+    seeds = range(args.seeds)
+    runs = [[train(task, base, method, config, strategy_for(), data, args, seed)
+             for seed in seeds] for config in grid]
+    means = [float(np.mean([r["val"] for r in results])) for results in runs]
+    print(f"  {task:4} {base:12} {method:20} {label:6} grid (val/test mean): " + ", ".join(
+        f"[{_describe(c)}] {v:.2f}/{np.mean([r['test'] for r in rs]):.2f}"
+        for c, v, rs in zip(grid, means, runs)), flush=True)
+    best = int(np.argmax(means))
+    tests = [r["test"] for r in runs[best]]
+    taus = [r["tau"] for r in runs[best] if r["tau"] is not None]
+    print(f"  {task:4} {base:12} {method:20} {label:6} chosen [{_describe(grid[best])}] "
+          f"test per seed: " + ", ".join(f"{t:.2f}" for t in tests)
+          + (f"; staleness_mean {np.mean(taus):.2f}" if taus else ""), flush=True)
+    return {"config": grid[best], "val": means[best], "test": float(np.mean(tests)),
+            "lo": float(min(tests)), "hi": float(max(tests))}
+
+
+def parse_workers(text: str):
+    try:
+        values = [int(m) for m in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 2:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated ints >= 2, got {text!r}")
+    return values
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="short run (< 10 min): 600 steps, one seed")
+                        help="short run (< 10 min): 1000 steps, 2 seeds, M = 16, 32")
     parser.add_argument("--steps", type=positive_int, default=None)
     parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--hidden", type=positive_int, default=128)
-    parser.add_argument("--seeds", type=positive_int, default=None, help="seeds averaged")
-    parser.add_argument("--workers", default="16,32", help="comma-separated M values")
+    parser.add_argument("--seeds", type=positive_int, default=None,
+                        help="seeds averaged (quick 2, full 3)")
+    parser.add_argument("--workers", type=parse_workers, default=None,
+                        help="comma-separated simulated M values (quick 16,32; full 8,16,32)")
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help=f"comma-separated subset of {','.join(TASKS)}")
+    parser.add_argument("--bases", default=",".join(BASES),
+                        help=f"comma-separated subset of {','.join(BASES)}")
+    parser.add_argument("--ps_workers", type=non_negative_int, default=8,
+                        help="in-process AsyncParameterServerStrategy workers (0: skip)")
     parser.add_argument("--all_methods", action="store_true",
                         help="also GapAware without the look-ahead")
+    parser.add_argument("--jit", action="store_true", help="jit_compile=True (slower to compile)")
     args = parser.parse_args()
+    tasks = args.tasks.split(",")
+    if not tasks or any(task not in TASKS for task in tasks):
+        parser.error(f"argument --tasks: each must be one of {', '.join(TASKS)}, "
+                     f"got {args.tasks!r}")
+    bases = args.bases.split(",")
+    if not bases or any(base not in BASES for base in bases):
+        parser.error(f"argument --bases: each must be one of {', '.join(BASES)}, "
+                     f"got {args.bases!r}")
     if args.steps is None:
-        args.steps = 600 if args.quick else 1500
+        args.steps = 1000 if args.quick else 1500
     if args.seeds is None:
-        args.seeds = 1 if args.quick else 3
-    worker_counts = [int(m) for m in args.workers.split(",")]
+        args.seeds = 2 if args.quick else 3
+    if args.workers is None:
+        args.workers = [16, 32] if args.quick else [8, 16, 32]
 
     name, (x_train, y_train, x_test, y_test) = load_digits_dataset(seed=0)
     cut = int(0.8 * len(x_train))
     data = (x_train[:cut], y_train[:cut], x_train[cut:], y_train[cut:], x_test, y_test)
     print(f"data: {name}; train {cut}, val {len(x_train) - cut}, test {len(x_test)}; "
-          f"MLP {x_train.shape[1]}-{args.hidden}-10, batch {args.batch}, {args.steps} steps, "
-          f"{args.seeds} seed(s); SGD momentum {MOMENTUM}", flush=True)
+          f"tasks {', '.join(tasks)} (MLP {x_train.shape[1]}-{args.hidden}-10), batch "
+          f"{args.batch}, {args.steps} steps, {args.seeds} seed(s); SGD momentum {MOMENTUM}",
+          flush=True)
     start = time.time()
-    seeds = range(args.seeds)
 
-    def choose(base, method, workers, lrs):
-        """lr chosen on validation accuracy (seed 0); the grid is printed."""
-        grid = {lr: train(base, method, lr, workers, data, args, 0) for lr in lrs}
-        best = max(grid, key=lambda lr: grid[lr]["val"])
-        print(f"  {base:12} {method:20} M={workers:<3} lr grid (val/test): " + ", ".join(
-            f"{lr:g}: {r['val']:.1f}/{r['test']:.1f}" for lr, r in grid.items()), flush=True)
-        return best, grid[best]
+    rows = []  # (task, base, strategy label, method, result)
+    gaps = []  # (gap, task, base, M)
+    sync_best = {}
+    for task in tasks:
+        for base in bases:
+            sync = select("sync", task, base, "base", [{"lr": lr} for lr in SYNC_GRID[base]],
+                          lambda: simulated(1), data, args)
+            lr_sync = sync["config"]["lr"]
+            sync_best[task, base] = (lr_sync, sync)
+            rows.append((task, base, "sync", "base", sync))
+            for workers in args.workers:
+                best = None
+                for method in methods_for(base, args.all_methods):
+                    result = select(f"M={workers}", task, base, method,
+                                    method_grid(base, method, lr_sync),
+                                    lambda: simulated(workers), data, args)
+                    rows.append((task, base, f"M={workers}", method, result))
+                    if method != "base" and (best is None or result["val"] > best["val"]):
+                        best = result
+                gaps.append((best["test"] - sync["test"], task, base, workers))
 
-    def over_seeds(base, method, lr, workers, first):
-        tests = [first["test"]] + [
-            train(base, method, lr, workers, data, args, seed)["test"] for seed in seeds[1:]]
-        print(f"  {base:12} {method:20} M={workers:<3} lr {lr:g} test per seed: "
-              + ", ".join(f"{t:.1f}" for t in tests), flush=True)  # kept if a run dies
-        return float(np.mean(tests)), float(min(tests)), float(max(tests))
+    if args.ps_workers and "mlp" in tasks:
+        import gc
 
-    rows = []  # (base, M, method, lr, mean, lo, hi)
-    gaps = []
-    for base in SYNC_GRID:
-        lr_sync, first = choose(base, "base", 1, SYNC_GRID[base])
-        sync = over_seeds(base, "base", lr_sync, 1, first)
-        rows.append((base, 1, "base", lr_sync) + sync)
-        for workers in worker_counts:
+        import tf_async
+
+        # The one-device runs' functions are freed before the cluster connects
+        # (freed after it, TF tries to remove them on the remote tasks and logs
+        # an error per function).
+        gc.collect()
+        strategy = tf_async.strategies.AsyncParameterServerStrategy(
+            tf_async.local_cluster(workers=args.ps_workers, ps=1))
+        label = f"PS{args.ps_workers}"
+        print(f"AsyncParameterServerStrategy: {args.ps_workers} in-process workers, 1 PS, "
+              f"look_ahead_horizon {strategy.look_ahead_horizon:g}", flush=True)
+        for base in bases:
+            lr_sync, _ = sync_best["mlp", base]
             for method in methods_for(base, args.all_methods):
-                lrs = (lr_sync,) if method == "base" else (lr_sync, lr_sync / 3)
-                lr, first = choose(base, method, workers, lrs)
-                result = over_seeds(base, method, lr, workers, first)
-                rows.append((base, workers, method, lr) + result)
-                if method == RECOMMENDED[base]:
-                    gaps.append((result[0] - sync[0], base, workers))
+                result = select(label, "mlp", base, method, method_grid(base, method, lr_sync),
+                                lambda: strategy, data, args)
+                rows.append(("mlp", base, label, method, result))
 
-    print(f"\n{'base':12} {'M':>3}  {'method':20} {'lr':>7} {'test acc':>8}  spread (min-max)")
-    for base, workers, method, lr, mean, lo, hi in rows:
-        print(f"{base:12} {workers:>3}  {method:20} {lr:7.4g} {mean:8.2f}  {lo:.2f}-{hi:.2f}")
+    print(f"\n{'task':4} {'base':12} {'run':6} {'method':20} {'chosen':22} {'test acc':>8}  "
+          "spread (min-max)  vs sync")
+    for task, base, label, method, result in rows:
+        sync = sync_best[task, base][1]["test"]
+        print(f"{task:4} {base:12} {label:6} {method:20} {_describe(result['config']):22} "
+              f"{result['test']:8.2f}  {result['lo']:.2f}-{result['hi']:.2f}"
+              f"       {result['test'] - sync:+.2f}")
     print(f"wall time {time.time() - start:.0f}s")
+    if any(g[3] in GAP_WORKERS for g in gaps):
+        gaps = [g for g in gaps if g[3] in GAP_WORKERS]
+    for task in tasks:
+        worst = min(g for g in gaps if g[1] == task)
+        print(f"{task} worst gap: {worst[0]:+.2f} ({worst[2]} at M={worst[3]})")
     worst = min(gaps)
-    print(f"(worst: {worst[1]} at M={worst[2]})")
+    print(f"(worst: {worst[1]} {worst[2]} at M={worst[3]})")
     print(f"worst_gap_to_sync_points: {worst[0]:.2f}")
 
 

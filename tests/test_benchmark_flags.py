@@ -21,6 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("optimizer_overhead.py", "--hidden", "0", ">= 1"),
     ("sharded_adam.py", "--width", "0", ">= 1"),
     ("staleness_quality.py", "--seeds", "0", ">= 1"),
+    ("staleness_quality.py", "--steps", "0", ">= 1"),
+    ("staleness_quality.py", "--ps_workers", "-1", ">= 0"),
     ("chaos.py", "--steps", "0", ">= 1"),
     ("chaos.py", "--down", "-1", ">= 0"),
     ("embedding_scale.py", "--steps", "0", ">= 1"),
@@ -56,6 +58,51 @@ def test_slow_link_bad_flags_are_named(flag, value, message):
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--workers", "1,16", "argument --workers: must be comma-separated ints >= 2, got '1,16'"),
+    ("--workers", "16,x", "argument --workers: must be comma-separated ints >= 2, got '16,x'"),
+    ("--tasks", "mlp,rnn", "argument --tasks: each must be one of mlp, cnn, got 'mlp,rnn'"),
+    ("--bases", "SGD", "argument --bases: each must be one of SGD-momentum, Adam, got 'SGD'"),
+])
+def test_staleness_quality_bad_flags_are_named(flag, value, message):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "staleness_quality.py"), flag, value],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+
+
+@pytest.mark.slow
+def test_staleness_quality_tiny_run_follows_the_protocol():
+    """Both tasks (Adam), 2 seeds, every grid printed with validation and test
+    means, the PS comparison with 2 in-process workers, and the final line."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "staleness_quality.py"),
+         "--steps", "10", "--seeds", "2", "--workers", "4", "--ps_workers", "2",
+         "--bases", "Adam"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    out = result.stdout
+    for task in ("mlp ", "cnn "):
+        assert f"  {task} Adam         base                 sync   grid (val/test mean): " \
+            "[lr 0.0003] " in out
+        assert f"  {task} Adam         GapAware(DanaAdam)   M=4    grid (val/test mean): " in out
+    assert "PS2    chosen [lr " in out and "staleness_mean" in out
+    grids = [line for line in out.splitlines() if "GapAware(DanaAdam)" in line and " grid " in line]
+    assert len(grids) == 3 and all(line.count("[lr ") == 3 for line in grids), grids
+    chosen = [line for line in out.splitlines() if " chosen [" in line]
+    assert all(len(line.split("test per seed: ")[1].split(";")[0].split(", ")) == 2
+               for line in chosen), chosen
+    assert "Failed to remove function" not in result.stderr
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("worst_gap_to_sync_points: ")
+    float(last.split(": ")[1])
 
 
 @pytest.mark.slow
