@@ -125,12 +125,13 @@ def test_row_sparse_optimizers_under_async_ps_fit_equal_dense_keras(fresh_proces
 LOCK_ROWS, LOCK_BATCH, LOCK_IDS = 64, 32, 8
 
 
-def _child_concurrent_row_updates(steps):
+def _child_concurrent_row_updates(steps, ps):
     import keras
     import tensorflow as tf
     from keras import ops
 
     import tf_async
+    from tf_async import _rows
 
     ids = np.tile(np.arange(LOCK_ROWS, dtype="int32"), 4).reshape(LOCK_BATCH, LOCK_IDS)
     y = np.zeros((LOCK_BATCH, 1), np.float32)
@@ -138,8 +139,11 @@ def _child_concurrent_row_updates(steps):
     def dataset_fn(input_context=None):
         return tf.data.Dataset.from_tensors((ids, y)).repeat()
 
+    partitioner = None
+    if ps > 1:  # the table split: rows 0-35 on one PS, 36-71 on the other
+        partitioner = tf.distribute.experimental.partitioners.FixedShardsPartitioner(ps)
     strategy = tf_async.strategies.AsyncParameterServerStrategy(
-        tf_async.local_cluster(workers=2, ps=1))
+        tf_async.local_cluster(workers=2, ps=ps), variable_partitioner=partitioner)
     with strategy.scope():
         inputs = keras.Input((LOCK_IDS,), dtype="int32")
         rows = keras.layers.Embedding(LOCK_ROWS + 8, 16, embeddings_initializer="zeros",
@@ -148,8 +152,9 @@ def _child_concurrent_row_updates(steps):
         model.compile(optimizer=keras.optimizers.SGD(0.25),
                       loss=lambda y_true, y_pred: ops.mean(y_pred))
     history = model.fit(dataset_fn, epochs=1, steps_per_epoch=steps, verbose=0)
-    table = model.get_layer("table").embeddings.numpy()
+    table = np.asarray(model.get_layer("table").embeddings.numpy())
     return {
+        "shards": len(_rows.shards(model.get_layer("table").embeddings)),
         "iterations": int(model.optimizer.iterations.numpy()),
         "staleness_max": history.history["staleness_max"][0],
         "used": table[:LOCK_ROWS].tolist(),
@@ -158,8 +163,10 @@ def _child_concurrent_row_updates(steps):
 
 
 @pytest.mark.slow
-def test_concurrent_workers_never_lose_a_row_update(fresh_process):
-    r = fresh_process(_child_concurrent_row_updates, 400, timeout=600)
+@pytest.mark.parametrize("ps", [1, 2])
+def test_concurrent_workers_never_lose_a_row_update(fresh_process, ps):
+    r = fresh_process(_child_concurrent_row_updates, 400, ps, timeout=600)
+    assert r["shards"] == ps
     assert r["iterations"] == 400
     assert r["staleness_max"] >= 1  # the two workers' steps did overlap
     used = np.asarray(r["used"], np.float32)

@@ -84,11 +84,31 @@ def scatter_update(variable, ids, rows):
     return _target(variable).scatter_update(tf.IndexedSlices(rows, ids))
 
 
+def _read_modify_write(variable, ids, rows, combine):
+    """``variable[ids] = combine(variable[ids], rows)`` with each shard's rows
+    read and written on the shard's device (only the shard's ids and rows
+    travel there, as for TF's own sharded ``scatter_*``)."""
+    shards = _keras_fit.variable_shards(variable)
+    if shards is None:
+        return scatter_update(variable, ids, combine(gather(variable, ids), rows))
+    ops, start = [], 0
+    for shard in shards:
+        stop = start + int(shard.shape[0])
+        inside = tf.logical_and(ids >= start, ids < stop)
+        local = tf.boolean_mask(ids, inside) - start
+        part = tf.boolean_mask(rows, inside)
+        with tf.device(shard.device):
+            new = combine(tf.gather(shard, local), part)
+            ops.append(shard.scatter_update(tf.IndexedSlices(new, local)))
+        start = stop
+    return tf.group(*ops)
+
+
 def scatter_add(variable, ids, rows):
     """``variable[ids] += rows`` (ids unique)."""
     rows = tf.cast(rows, variable.dtype)
     if _is_exclusive():
-        return scatter_update(variable, ids, gather(variable, ids) + rows)
+        return _read_modify_write(variable, ids, rows, tf.add)
     return _target(variable).scatter_add(tf.IndexedSlices(rows, ids))
 
 
@@ -96,7 +116,7 @@ def scatter_sub(variable, ids, rows):
     """``variable[ids] -= rows`` (ids unique)."""
     rows = tf.cast(rows, variable.dtype)
     if _is_exclusive():
-        return scatter_update(variable, ids, gather(variable, ids) - rows)
+        return _read_modify_write(variable, ids, rows, tf.subtract)
     return _target(variable).scatter_sub(tf.IndexedSlices(rows, ids))
 
 
