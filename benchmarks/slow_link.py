@@ -74,6 +74,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _momentum(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small run (< 10 minutes)")
@@ -90,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=positive_int, default=96)
     p.add_argument("--layers", type=positive_int, default=2)
     p.add_argument("--learning_rate", type=_positive_float, default=2e-3)
+    p.add_argument("--outer_learning_rate", type=_positive_float, default=0.7,
+                   help="DiLoCo's outer Nesterov learning rate (paper: 0.7)")
+    p.add_argument("--outer_momentum", type=_momentum, default=0.9,
+                   help="DiLoCo's outer Nesterov momentum, in [0, 1) (paper: 0.9)")
     p.add_argument("--runs", type=positive_int, default=1)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--seed", type=int, default=0)
@@ -140,7 +154,7 @@ def _worker(args) -> None:
     elif mode == "diloco_h64":
         strategy = LocalUpdateStrategy(
             strategy, sync_every=SYNC_EVERY[mode], averaging="diloco",
-            outer_learning_rate=0.7, outer_momentum=0.9,
+            outer_learning_rate=args.outer_learning_rate, outer_momentum=args.outer_momentum,
         )
     elif mode != "sync":
         raise ValueError(f"unknown mode {mode!r}")
@@ -458,6 +472,8 @@ def main(argv=None) -> None:
             "--context", str(args.context), "--width", str(args.width),
             "--layers", str(args.layers), "--learning_rate", str(args.learning_rate),
             "--seed", str(args.seed), "--workers", str(args.workers),
+            "--outer_learning_rate", str(args.outer_learning_rate),
+            "--outer_momentum", str(args.outer_momentum),
         ]
         runs = []
         for run in range(args.runs):

@@ -49,6 +49,8 @@ def test_bad_numeric_flag_is_named(script, flag, value, allowed):
     ("--modes", "sync,fast", "argument --modes: each must be one of"),
     ("--modes", "diloco_h64", "argument --modes: must include 'sync'"),
     ("--eval_every", "32", "argument --eval_every: must be a multiple of 64, got 32"),
+    ("--outer_momentum", "1", "argument --outer_momentum: must be a number in [0, 1), got '1'"),
+    ("--outer_learning_rate", "0", "argument --outer_learning_rate: must be a number > 0"),
 ])
 def test_slow_link_bad_flags_are_named(flag, value, message):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
