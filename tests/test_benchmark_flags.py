@@ -20,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("make_plots.py", "--steps", "0", ">= 1"),
     ("optimizer_overhead.py", "--hidden", "0", ">= 1"),
     ("sharded_adam.py", "--width", "0", ">= 1"),
+    ("sharded_adam.py", "--steps", "1", ">= 2"),
     ("staleness_quality.py", "--seeds", "0", ">= 1"),
     ("chaos.py", "--steps", "0", ">= 1"),
     ("chaos.py", "--down", "-1", ">= 0"),
