@@ -37,7 +37,7 @@ Prints one row per N, then the final lines ``reduction_bytes_over_adam: R``,
 ``step_time_over_adam: R`` and, last, ``state_bytes_over_limit: R`` (each the
 worst N). Goals: <= 1.01, <= 1.10 and <= 1.01.
 
-    python benchmarks/sharded_adam.py --quick      # about 3 minutes
+    python benchmarks/sharded_adam.py --quick      # width 256; 19 min at load 10-16
     python benchmarks/sharded_adam.py              # bigger model, more rounds
 """
 
@@ -310,7 +310,7 @@ def _mwms_child(width: int, depth: int, steps: int, rounds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small model, < 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="small model (width 256), 16 steps x 9 rounds")
     parser.add_argument("--replicas", default=None, help="comma list, default 2,4,8")
     parser.add_argument("--child", type=non_negative_int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mwms_child", action="store_true", help=argparse.SUPPRESS)
