@@ -21,4 +21,5 @@ def _int_at_least(low: int):
 
 
 positive_int = _int_at_least(1)
+at_least_two = _int_at_least(2)
 non_negative_int = _int_at_least(0)

@@ -20,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("make_plots.py", "--steps", "0", ">= 1"),
     ("optimizer_overhead.py", "--hidden", "0", ">= 1"),
     ("sharded_adam.py", "--width", "0", ">= 1"),
+    ("sharded_adam.py", "--steps", "1", ">= 2"),
     ("staleness_quality.py", "--seeds", "0", ">= 1"),
     ("staleness_quality.py", "--steps", "0", ">= 1"),
     ("staleness_quality.py", "--ps_workers", "-1", ">= 0"),
