@@ -18,11 +18,17 @@ Every configuration runs in a fresh multi-process cluster started with
 down in-process, and one OS process per task gives honest per-task memory):
 the chief reads the peak RSS (``VmHWM``) of every worker and PS process of
 its cluster from ``/proc`` after the timed fits and prints it with steps/s.
-Each fit is timed after a warm-up fit (tracing, iterator creation); the best of
-``--repeats`` fits is reported.
+Each fit is timed after a warm-up fit (tracing, iterator creation); a run's
+steps/s is the best of ``--repeats`` fits. The configurations run in
+``--rounds`` rounds (each once per round, the order reversed every other
+round); every ratio is computed per round and the median over the rounds is
+printed with the rounds' values (on a shared machine the first cluster of a
+run, or a load burst, can be 1.5x slower: one run per configuration gave
+``steps_per_s_large_over_small`` anywhere from 0.7 to 2.0).
 
 The last line is ``steps_per_s_large_over_small: X`` -- steps/s at the
-largest size run divided by steps/s at 1e3 (stock Adagrad, 1 PS).
+largest size run divided by steps/s at 1e3 (stock Adagrad, 1 PS), median
+over rounds.
 Goals: X >= 0.8; tf_async >= 1.0x tf-keras PSS at 1e6; worker RSS not
 growing with rows.
 
@@ -202,17 +208,47 @@ def run_config(args, python: str, framework: str, optimizer: str, rows: int, ps:
                        f"{completed.stderr[-2000:]}")
 
 
+def _row(r: dict, label: str) -> str:
+    return (f"{r['framework']:9} {r['optimizer']:9} {r['rows']:9.0e} {r['ps']:2d} "
+            f"{r['steps_per_s']:8.1f} {r['worker_rss_mb']:9.0f} {r['ps_rss_mb']:8.0f} "
+            f"{r['chief_rss_mb']:8.0f} {r['chief_rss_built_mb']:14.0f}  {label}  cpu ms/step "
+            + " ".join(f"{task}={ms:.2f}"
+                       for task, ms in sorted(r.get("cpu_ms_per_step", {}).items())))
+
+
+def _median(values):
+    values = sorted(values)
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else 0.5 * (values[middle - 1] + values[middle])
+
+
+def _summary(runs: list) -> dict:
+    """One configuration over the rounds: median steps/s and CPU, peak RSS."""
+    out = dict(runs[0])
+    out["steps_per_s"] = _median([r["steps_per_s"] for r in runs])
+    for key in [k for k in runs[0] if k.endswith("_mb")]:
+        out[key] = max(r[key] for r in runs)
+    tasks = {task for r in runs for task in r.get("cpu_ms_per_step", {})}
+    out["cpu_ms_per_step"] = {
+        task: _median([r["cpu_ms_per_step"][task] for r in runs if task in r["cpu_ms_per_step"]])
+        for task in tasks
+    }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="rows 1e3 and 1e6; 2 PS at 1e6 with Adagrad only (~5 min)")
+    parser.add_argument("--quick", action="store_true", help="rows 1e3 and 1e6; 2 PS at 1e6 with Adagrad only (~7 min idle)")
     parser.add_argument("--rows", type=positive_int, nargs="*", default=None,
                         help="table sizes to run (default: 1e3 1e5 1e6 1e7; --quick: 1e3 1e6)")
     parser.add_argument("--batch_size", type=positive_int, default=256)
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="steps per timed fit (default 400; --quick 200)")
     parser.add_argument("--warmup", type=positive_int, default=20, help="steps of the warm-up fit")
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="rounds over all configurations (ratios: median over rounds)")
     parser.add_argument("--repeats", type=positive_int, default=None,
-                        help="timed fits per configuration, best reported (default 3; --quick 2)")
+                        help="timed fits per configuration and round, best reported (default 2)")
     parser.add_argument("--ps_counts", type=positive_int, nargs="*", default=[1, 2],
                         help="parameter-server counts to run (tables split over >1 PS)")
     parser.add_argument("--optimizers", nargs="*", choices=OPTIMIZERS, default=list(OPTIMIZERS))
@@ -233,7 +269,7 @@ def main() -> None:
         return
     rows_list = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)
     args.steps = args.steps or (200 if args.quick else 400)
-    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.repeats = args.repeats or 2
 
     configs = []
     for rows in rows_list:
@@ -245,40 +281,47 @@ def main() -> None:
                     configs.append((sys.executable, "tf_async", optimizer, rows, ps))
             if args.tf_keras_python and not quick_skip:
                 configs.append((args.tf_keras_python, "tf_keras", "adagrad", rows, ps))
-    print(f"{'framework':9} {'optimizer':9} {'rows':>9} {'ps':>2} {'steps/s':>8} "
-          f"{'worker_MB':>9} {'ps_MB':>8} {'chief_MB':>8} {'chief_MB_built':>14}  all steps/s",
-          flush=True)
-    results = []
-    for python, framework, optimizer, rows, ps in configs:
-        r = run_config(args, python, framework, optimizer, rows, ps)
-        results.append(r)
-        print(f"{framework:9} {optimizer:9} {rows:9.0e} {ps:2d} {r['steps_per_s']:8.1f} "
-              f"{r['worker_rss_mb']:9.0f} {r['ps_rss_mb']:8.0f} {r['chief_rss_mb']:8.0f} "
-              f"{r['chief_rss_built_mb']:14.0f}  "
-              + " ".join(f"{v:.1f}" for v in r["all_steps_per_s"])
-              + "  cpu ms/step " + " ".join(
-                  f"{task}={ms:.2f}" for task, ms in sorted(r.get("cpu_ms_per_step", {}).items())),
-              flush=True)
+    header = (f"{'framework':9} {'optimizer':9} {'rows':>9} {'ps':>2} {'steps/s':>8} "
+              f"{'worker_MB':>9} {'ps_MB':>8} {'chief_MB':>8} {'chief_MB_built':>14}")
+    print(header + "  round", flush=True)
+    # Rounds: every configuration once per round, the order reversed every
+    # other round, so a load burst or drift on the shared machine hits the
+    # configurations a ratio compares alike; ratios are per round, then the
+    # median over rounds.
+    runs: dict = {key: [] for key in configs}
+    for round_index in range(args.rounds):
+        order = configs if round_index % 2 == 0 else configs[::-1]
+        for key in order:
+            python, framework, optimizer, rows, ps = key
+            r = run_config(args, python, framework, optimizer, rows, ps)
+            runs[key].append(r)
+            print(_row(r, f"{round_index + 1}"), flush=True)
 
-    def rate(framework, optimizer, rows, ps):
-        for r in results:
-            if (r["framework"], r["optimizer"], r["rows"], r["ps"]) == (
-                    framework, optimizer, rows, ps):
-                return r["steps_per_s"]
+    def rates(framework, optimizer, rows, ps):
+        for (_, f, o, r, p), found in runs.items():
+            if (f, o, r, p) == (framework, optimizer, rows, ps):
+                return [run["steps_per_s"] for run in found]
         return None
 
+    def ratio(name, top, base):
+        if not (top and base):
+            return
+        per_round = [t / b for t, b in zip(top, base)]
+        print(f"{name} per round: " + ", ".join(f"{v:.2f}" for v in per_round))
+        print(f"{name}: {_median(per_round):.2f}", flush=True)
+
+    print("median over rounds:\n" + header)
+    for key in configs:
+        print(_row(_summary(runs[key]), "median"), flush=True)
     if args.tf_keras_python:
         for rows in rows_list:
             for ps in args.ps_counts:
-                ours, theirs = rate("tf_async", "adagrad", rows, ps), rate(
-                    "tf_keras", "adagrad", rows, ps)
-                if ours and theirs:
-                    print(f"tf_async_over_tf_keras_adagrad_rows{rows:.0e}_ps{ps}: "
-                          f"{ours / theirs:.2f}")
+                ratio(f"tf_async_over_tf_keras_adagrad_rows{rows:.0e}_ps{ps}",
+                      rates("tf_async", "adagrad", rows, ps), rates("tf_keras", "adagrad", rows, ps))
     small, large = min(rows_list), max(rows_list)
-    base, top = rate("tf_async", "adagrad", small, 1), rate("tf_async", "adagrad", large, 1)
-    if small == 1_000 and base and top:
-        print(f"steps_per_s_large_over_small: {top / base:.2f}")
+    if small == 1_000 and large > small:
+        ratio("steps_per_s_large_over_small",
+              rates("tf_async", "adagrad", large, 1), rates("tf_async", "adagrad", small, 1))
 
 
 if __name__ == "__main__":

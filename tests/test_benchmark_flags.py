@@ -28,6 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("chaos.py", "--down", "-1", ">= 0"),
     ("embedding_scale.py", "--steps", "0", ">= 1"),
     ("embedding_scale.py", "--rows", "1e3", ">= 1"),
+    ("embedding_scale.py", "--rounds", "0", ">= 1"),
     ("slow_link.py", "--steps", "0", ">= 1"),
     ("slow_link.py", "--workers", "0", ">= 1"),
     ("slow_link.py", "--eval_every", "x", ">= 1"),
