@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 from tests import _harness
+import tf_async
 from tf_async import _keras_fit, _rows, staleness
 
 ROWS, DIM, IDS_PER_EXAMPLE = 60, 4, 8
@@ -181,6 +182,51 @@ def test_the_worker_reads_only_the_rows_of_the_batch():
     # The dense layer is still snapshotted whole, once.
     kernel = model.layers[-1].kernel
     assert ("ReadVariableOp", (DIM, 1)) in _table_reads(local.graph(x, y), kernel)
+
+
+def _ops_of_type(graph, op_type):
+    """Ops of ``op_type`` in ``graph`` and the functions it calls (cond branches)."""
+    found = [op for op in graph.get_operations() if op.type == op_type]
+    for function in graph._functions.values():
+        if getattr(function, "graph", None) is not None:
+            found += _ops_of_type(function.graph, op_type)
+    return found
+
+
+def _dense_gradient_fit(make_model, initial, x, y, optimizer, steps):
+    """The reference: Keras' optimizer given the densified gradient each step
+    (what the step's row-sparse update must equal)."""
+    model = make_model()
+    model.set_weights(initial)
+    optimizer = optimizer()
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            loss = keras.losses.MeanSquaredError()(y, model(x))
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply([tf.convert_to_tensor(g) for g in gradients], model.trainable_variables)
+    return model.get_weights()
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda: keras.optimizers.Adagrad(0.2),
+    lambda: tf_async.keras_optimizers.GapAware(keras.optimizers.SGD(0.2)),
+], ids=["adagrad", "gap_aware_sgd"])
+def test_a_table_gradient_is_deduplicated_once_on_the_worker(optimizer):
+    """The worker sums a table's gradient over unique ids; the commit on the PS
+    takes those ids as they are (no second ``tf.unique``) and still equals
+    Keras' optimizer on the dense gradient."""
+    x, y = _ids()
+    assert len(np.unique(x)) < x.size  # the batch repeats ids
+    local, model, _, moved = _fit_both(_pooled_model, x, y, optimizer=optimizer)
+    assert moved > 1e-3
+    keras.utils.set_random_seed(0)
+    initial = _pooled_model().get_weights()
+    reference = _dense_gradient_fit(_pooled_model, initial, x, y, optimizer, steps=4)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), reference))
+    assert diff < 1e-6, diff
+    unique = _ops_of_type(local.graph(x, y), "Unique")
+    # One: the worker's (the lookup); none in the commit's cond on the PS.
+    assert len(unique) == 1 and not unique[0].name.startswith("cond"), [op.name for op in unique]
 
 
 @pytest.mark.parametrize("make_model", [_tied_model, _regularized_model],

@@ -51,6 +51,33 @@ def _is_exclusive() -> bool:
     return getattr(_state, "exclusive", 0) > 0
 
 
+@contextlib.contextmanager
+def unique_indices(gradients):
+    """Inside (this thread, while ops are created): the ``indices`` of these
+    ``IndexedSlices`` gradients are known to be unique (the asynchronous step
+    deduplicates a table's ids on the worker), so :func:`unique_rows` and
+    :func:`unique_ids` take them as they are instead of running ``tf.unique``
+    again on the parameter server. Only these exact tensors are marked: a
+    gradient transformed into new indices is deduplicated as usual."""
+    outer = getattr(_state, "unique", frozenset())
+    _state.unique = outer | {g.indices.ref() for g in gradients if is_rows(g)}
+    try:
+        yield
+    finally:
+        _state.unique = outer
+
+
+def _known_unique(indices) -> bool:
+    return indices.ref() in getattr(_state, "unique", frozenset())
+
+
+def unique_ids(gradient: tf.IndexedSlices) -> tf.Tensor:
+    """The distinct ids of a row-sparse gradient, in order of first occurrence."""
+    if _known_unique(gradient.indices):
+        return gradient.indices
+    return tf.unique(gradient.indices)[0]
+
+
 def is_rows(gradient) -> bool:
     """True for a row-sparse (``tf.IndexedSlices``) gradient."""
     return isinstance(gradient, tf.IndexedSlices)
@@ -64,6 +91,8 @@ def unique_rows(gradient: tf.IndexedSlices, dtype=None) -> Tuple[tf.Tensor, tf.T
     values = gradient.values
     if dtype is not None:
         values = tf.cast(values, dtype)
+    if _known_unique(gradient.indices):
+        return gradient.indices, values
     ids, position = tf.unique(gradient.indices)
     rows = tf.math.unsorted_segment_sum(values, position, tf.shape(ids)[0])
     return ids, rows

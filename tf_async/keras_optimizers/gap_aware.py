@@ -149,7 +149,7 @@ class GapAware(_wrapper.InnerOptimizerWrapper):
             if _sparse_rows.is_rows(gradient) and row_sparse.updates_only_touched_rows(
                 self.inner_optimizer, variable
             ):
-                ids, _ = tf.unique(gradient.indices)
+                ids = _sparse_rows.unique_ids(gradient)
                 updated.append((raw, avg_step, ids, _sparse_rows.gather(raw, ids)))
             else:
                 updated.append((raw, avg_step, None, raw.read_value()))

@@ -117,7 +117,7 @@ class StalenessScaled(_wrapper.InnerOptimizerWrapper):
             if _sparse_rows.is_rows(gradient) and row_sparse.updates_only_touched_rows(
                 self.inner_optimizer, variable
             ):
-                ids, _ = tf.unique(gradient.indices)
+                ids = _sparse_rows.unique_ids(gradient)
                 updated.append((raw, _sparse_rows.gather(raw, ids), ids))
             else:
                 updated.append((raw, raw.read_value(), None))

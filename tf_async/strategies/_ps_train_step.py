@@ -68,7 +68,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_async import _keras_fit, staleness
-from tf_async.keras_optimizers import row_sparse
+from tf_async.keras_optimizers import _sparse_rows, row_sparse
 from tf_async.strategies import _fused_transfer, _nonfinite, _table_locks, _table_rows
 
 _COUNT_LIMIT = 2**62
@@ -321,11 +321,15 @@ class TrainStep:
         model = self.model
         trainable = model.trainable_variables
         tables = [v for g, v in zip(gradients, trainable) if isinstance(g, tf.IndexedSlices)]
+        # A table read by rows (its w_read is the rows read) has a gradient
+        # over the worker's unique ids: no second ``tf.unique`` on the PS.
+        deduplicated = [g for g, value in zip(gradients, values)
+                        if isinstance(g, tf.IndexedSlices) and isinstance(value, tf.IndexedSlices)]
         graph = tf.compat.v1.get_default_graph()
         first = len(graph.get_operations())
         with staleness.publish(tau, trainable, values), row_sparse.updates(
             model.optimizer, gradients, trainable
-        ), self._table_locks.exclusive(tables):
+        ), self._table_locks.exclusive(tables), _sparse_rows.unique_indices(deduplicated):
             model.optimizer.apply(gradients, trainable)
         created = graph.get_operations()[first:]
         return tf.group(*created) if created else tf.no_op()
