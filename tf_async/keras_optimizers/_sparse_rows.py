@@ -47,7 +47,8 @@ def exclusive():
         _state.exclusive = depth
 
 
-def _is_exclusive() -> bool:
+def is_exclusive() -> bool:
+    """True inside :func:`exclusive`."""
     return getattr(_state, "exclusive", 0) > 0
 
 
@@ -113,30 +114,48 @@ def scatter_update(variable, ids, rows):
     return _target(variable).scatter_update(tf.IndexedSlices(rows, ids))
 
 
-def _read_modify_write(variable, ids, rows, combine):
-    """``variable[ids] = combine(variable[ids], rows)`` with each shard's rows
-    read and written on the shard's device (only the shard's ids and rows
-    travel there, as for TF's own sharded ``scatter_*``)."""
-    shards = _keras_fit.variable_shards(variable)
-    if shards is None:
-        return scatter_update(variable, ids, combine(gather(variable, ids), rows))
-    ops, start = [], 0
-    for shard in shards:
-        stop = start + int(shard.shape[0])
+def rows_by_shard(variables, ids, rows):
+    """``[(shards, local ids, rows, device)]``: the update of rows ``ids`` of
+    ``variables`` (a table and its slots, same shape) split by where the rows
+    live. For tables split alike over several PS, one entry per shard: that
+    shard of every variable, the ids inside it (shard-relative) and their
+    rows, and the shard's device -- so a row update placed there reads and
+    writes every array on one PS and only the shard's ids and rows travel
+    there (as for TF's own sharded ``scatter_*``). Otherwise one entry: the
+    whole variables, ``ids``, ``rows``, their device."""
+    raw = [_target(v) for v in variables]
+    split = [_keras_fit.variable_shards(v) for v in variables]
+    if split[0] is None or any(
+        s is None or [tuple(x.shape) for x in s] != [tuple(x.shape) for x in split[0]]
+        for s in split
+    ):
+        if any(s is not None for s in split):  # split differently: read where they live
+            return [(variables, ids, rows, None)]
+        return [(raw, ids, rows, raw[0].device)]
+    out, start = [], 0
+    for shards in zip(*split):
+        stop = start + int(shards[0].shape[0])
         inside = tf.logical_and(ids >= start, ids < stop)
-        local = tf.boolean_mask(ids, inside) - start
-        part = tf.boolean_mask(rows, inside)
-        with tf.device(shard.device):
-            new = combine(tf.gather(shard, local), part)
-            ops.append(shard.scatter_update(tf.IndexedSlices(new, local)))
+        out.append((list(shards), tf.boolean_mask(ids, inside) - start,
+                    tf.boolean_mask(rows, inside), shards[0].device))
         start = stop
+    return out
+
+
+def _read_modify_write(variable, ids, rows, combine):
+    """``variable[ids] = combine(variable[ids], rows)``, each shard's rows
+    read and written on the shard's device."""
+    ops = []
+    for (target,), local, part, device in rows_by_shard([variable], ids, rows):
+        with tf.device(device):
+            ops.append(scatter_update(target, local, combine(gather(target, local), part)))
     return tf.group(*ops)
 
 
 def scatter_add(variable, ids, rows):
     """``variable[ids] += rows`` (ids unique)."""
     rows = tf.cast(rows, variable.dtype)
-    if _is_exclusive():
+    if is_exclusive():
         return _read_modify_write(variable, ids, rows, tf.add)
     return _target(variable).scatter_add(tf.IndexedSlices(rows, ids))
 
@@ -144,7 +163,7 @@ def scatter_add(variable, ids, rows):
 def scatter_sub(variable, ids, rows):
     """``variable[ids] -= rows`` (ids unique)."""
     rows = tf.cast(rows, variable.dtype)
-    if _is_exclusive():
+    if is_exclusive():
         return _read_modify_write(variable, ids, rows, tf.subtract)
     return _target(variable).scatter_sub(tf.IndexedSlices(rows, ids))
 

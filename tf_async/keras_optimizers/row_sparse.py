@@ -52,6 +52,19 @@ def _adagrad_rows(optimizer, gradient, variable, learning_rate) -> None:
     ids, rows = _sparse_rows.unique_rows(gradient, variable.dtype)
     lr = tf.cast(learning_rate, variable.dtype)
     accumulator = optimizer._accumulators[optimizer._get_variable_index(variable)]
+    if _sparse_rows.is_exclusive():
+        # Holding the table's lock: read, update and write each shard's rows
+        # of the table and its accumulator on the shard's PS, in one place.
+        for (table, slot), local, part, device in _sparse_rows.rows_by_shard(
+            [variable, accumulator], ids, rows
+        ):
+            with tf.device(device):
+                accumulated = _sparse_rows.gather(slot, local) + tf.square(part)
+                _sparse_rows.scatter_update(slot, local, accumulated)
+                _sparse_rows.scatter_update(
+                    table, local, _sparse_rows.gather(table, local)
+                    - (lr * part) / tf.sqrt(accumulated + optimizer.epsilon))
+        return
     _sparse_rows.scatter_add(accumulator, ids, tf.square(rows))
     accumulated = _sparse_rows.gather(accumulator, ids)
     _sparse_rows.scatter_sub(
