@@ -33,6 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("slow_link.py", "--workers", "0", ">= 1"),
     ("slow_link.py", "--eval_every", "x", ">= 1"),
     ("slow_link.py", "--batch", "0", ">= 1"),
+    ("slow_link.py", "--warmup_steps", "-1", ">= 0"),
+    ("slow_link.py", "--val_windows", "0", ">= 1"),
     ("worker_evaluation.py", "--workers", "0", ">= 1"),
 ])
 def test_bad_numeric_flag_is_named(script, flag, value, allowed):
@@ -53,11 +55,16 @@ def test_bad_numeric_flag_is_named(script, flag, value, allowed):
     ("--eval_every", "32", "argument --eval_every: must be a multiple of 64, got 32"),
     ("--outer_momentum", "1", "argument --outer_momentum: must be a number in [0, 1), got '1'"),
     ("--outer_learning_rate", "0", "argument --outer_learning_rate: must be a number > 0"),
+    ("--weight_decay", "-0.1", "argument --weight_decay: must be a number >= 0, got '-0.1'"),
+    ("--lr_schedule", "linear", "argument --lr_schedule: invalid choice: 'linear'"),
+    ("--warmup_steps", "128", "argument --warmup_steps: must be < --steps (128), got 128"),
+    ("--val_windows", "1", "argument --val_windows: must be >= --workers (2), got 1"),
 ])
 def test_slow_link_bad_flags_are_named(flag, value, message):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "benchmarks", "slow_link.py"), flag, value],
+        [sys.executable, os.path.join(REPO, "benchmarks", "slow_link.py"), "--quick", flag,
+         value],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert result.returncode == 2, result.stderr[-2000:]
