@@ -171,6 +171,17 @@ def _worker(args) -> None:
         )
     elif mode != "sync":
         raise ValueError(f"unknown mode {mode!r}")
+    # Traces of a step (``strategy.run`` called in graph mode): a retrace after
+    # an evaluation would show as more than one train + one test trace.
+    traced_runs = []
+    untraced_run = strategy.run
+
+    def counting_run(fn, *a, **k):
+        if not tf.executing_eagerly():
+            traced_runs.append(getattr(fn, "__name__", "?"))
+        return untraced_run(fn, *a, **k)
+
+    strategy.run = counting_run
     train, val, info = _text_lm.load_corpus()
     # The same fixed windows for every mode (and worker count); each worker
     # evaluates every `workers`-th one, evaluate's result is their global mean.
@@ -293,6 +304,7 @@ def _worker(args) -> None:
         "params": model.count_params(), "syncs": syncs, "corpus": info,
         "first_step_seconds": clock.first_step_seconds, "step_seconds": clock.step_seconds,
         "outer": clock.outer, "val_windows": int(len(val_x)),
+        "traced_runs": traced_runs,
     }
     print("CURVE " + json.dumps(result), flush=True)
 
