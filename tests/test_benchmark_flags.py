@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -118,17 +119,29 @@ def test_staleness_quality_tiny_run_follows_the_protocol():
 
 @pytest.mark.slow
 def test_slow_link_quick_run_prints_the_goal_lines(tmp_path):
-    """A tiny end-to-end run: 3 modes x 2 worker processes over the relay."""
+    """A tiny end-to-end run: sync and DiLoCo (the two the goal lines compare),
+    2 worker processes each over the relay. Its cost is each launch's imports
+    and tracing, not its 64 steps: local SGD (the same LocalUpdateStrategy path
+    with the mean averager, through launch and the relay in
+    test_local_update_mwms.py) is left out to save a third launch."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "slow_link.py"),
-         "--steps", "64", "--eval_every", "64", "--local_steps_factor", "1", "--context", "16",
-         "--width", "16", "--layers", "1", "--batch", "2", "--link_latency_ms", "2",
+         "--modes", "sync,diloco_h64", "--steps", "64", "--eval_every", "64",
+         "--local_steps_factor", "1", "--context", "8", "--width", "8", "--layers", "1",
+         "--batch", "2", "--val_windows", "32", "--link_latency_ms", "2",
          "--link_mbit", "1000", "--out", str(tmp_path / "r.json")],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    lines = result.stdout.strip().splitlines()
+    out = result.stdout
+    assert "# diloco_h64 median step time per run: local " in out
+    assert "# diloco_h64 run 0 drift: |outer step| / |mean delta| per outer step [1.33]" in out
+    with open(tmp_path / "r.json") as f:
+        runs = json.load(f)["runs"]
+    assert [p["step"] for p in runs[0]["diloco_h64"]["curve"]] == [0, 64]
+    assert runs[0]["diloco_h64"]["val_windows"] == 32
+    lines = out.strip().splitlines()
     assert lines[-2].startswith("diloco_loss_gap_at_equal_steps: ")
     assert lines[-1].startswith("diloco_speedup_to_sync_loss: ")
     float(lines[-1].split(": ")[1])
