@@ -2,6 +2,7 @@
 
     python benchmarks/slow_link.py [--quick] [--workers 2] [--link_latency_ms 20]
         [--link_mbit 100] [--steps N] [--runs R] [--plot docs/images/slow_link.png]
+        [--weight_decay 0.01] [--lr_schedule constant|cosine] [--warmup_steps 0]
 
 Each mode runs as a real multi-process cluster (``python -m tf_async.launch``,
 one worker process per worker) whose every cross-worker connection goes
@@ -18,9 +19,15 @@ Inner optimizer AdamW for all; the task is the byte-level transformer LM on the
 Python standard library (``benchmarks/_text_lm.py``); every mode starts from the
 same initial weights and sees the same batches in the same order (worker ``w``'s
 batch ``t`` is the same in every mode; sync's global batch is the workers'
-batches together). Validation loss (nats/byte; bits/byte = nats/ln 2) every
-``--eval_every`` steps; wall time is the training time (validation excluded,
-the first step's tracing excluded), measured in worker 0.
+batches together). Validation loss (nats/byte; bits/byte = nats/ln 2) on the
+same fixed ``--val_windows`` windows every ``--eval_every`` steps. Three clocks,
+measured in worker 0, the first step's tracing excluded: wall (training time,
+validation excluded), step (the train steps' own times summed) and profile
+(every step priced at the median time of its kind: sync's all-reduce step, a
+local mode's inner step, its outer step), which the final line uses. Times to a
+loss interpolate the crossing between evaluations. The mode order rotates per
+run; each mode's 1-minute load average is logged; DiLoCo prints its drift
+(‖outer step‖ / ‖mean delta‖ and ``local_divergence`` per outer step).
 
 Prints per mode: final validation loss, wall time, seconds per step, time to
 reach sync's final validation loss, the loss at sync's last step, and the link
