@@ -2,6 +2,7 @@
 
     python benchmarks/slow_link.py [--quick] [--workers 2] [--link_latency_ms 20]
         [--link_mbit 100] [--steps N] [--runs R] [--plot docs/images/slow_link.png]
+        [--weight_decay 0.01] [--lr_schedule constant|cosine] [--warmup_steps 0]
 
 Each mode runs as a real multi-process cluster (``python -m tf_async.launch``,
 one worker process per worker) whose every cross-worker connection goes
@@ -18,9 +19,15 @@ Inner optimizer AdamW for all; the task is the byte-level transformer LM on the
 Python standard library (``benchmarks/_text_lm.py``); every mode starts from the
 same initial weights and sees the same batches in the same order (worker ``w``'s
 batch ``t`` is the same in every mode; sync's global batch is the workers'
-batches together). Validation loss (nats/byte; bits/byte = nats/ln 2) every
-``--eval_every`` steps; wall time is the training time (validation excluded,
-the first step's tracing excluded), measured in worker 0.
+batches together). Validation loss (nats/byte; bits/byte = nats/ln 2) on the
+same fixed ``--val_windows`` windows every ``--eval_every`` steps. Three clocks,
+measured in worker 0, the first step's tracing excluded: wall (training time,
+validation excluded), step (the train steps' own times summed) and profile
+(every step priced at the median time of its kind: sync's all-reduce step, a
+local mode's inner step, its outer step), which the final line uses. Times to a
+loss interpolate the crossing between evaluations. The mode order rotates per
+run; each mode's 1-minute load average is logged; DiLoCo prints its drift
+(‖outer step‖ / ‖mean delta‖ and ``local_divergence`` per outer step).
 
 Prints per mode: final validation loss, wall time, seconds per step, time to
 reach sync's final validation loss, the loss at sync's last step, and the link
@@ -43,7 +50,7 @@ import subprocess
 import sys
 import time
 
-from _flags import positive_int  # noqa: E402 (benchmarks/ is on sys.path)
+from _flags import non_negative_int, positive_int  # noqa: E402 (benchmarks/ is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -52,6 +59,8 @@ MODES = ("sync", "local_sgd_h16", "diloco_h64")
 # momentum 0), to tell what the outer Nesterov step adds.
 EXTRA_MODES = ("local_sgd_h64",)
 SYNC_EVERY = {"sync": 1, "local_sgd_h16": 16, "diloco_h64": 64, "local_sgd_h64": 64}
+LR_SCHEDULES = ("constant", "cosine")
+COSINE_FINAL_FRACTION = 0.1  # cosine decays the inner lr to 10 % of its peak
 
 
 def _positive_float(text: str) -> float:
@@ -100,6 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=positive_int, default=96)
     p.add_argument("--layers", type=positive_int, default=2)
     p.add_argument("--learning_rate", type=_positive_float, default=2e-3)
+    p.add_argument("--weight_decay", type=_non_negative_float, default=0.01,
+                   help="inner AdamW's decoupled weight decay")
+    p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
+                   help="inner lr after warmup: constant, or cosine to 10%% of the peak "
+                        "over each mode's own steps")
+    p.add_argument("--warmup_steps", type=non_negative_int, default=0,
+                   help="linear inner-lr warmup from 0 (fewer than sync's --steps)")
+    p.add_argument("--val_windows", type=positive_int, default=512,
+                   help="fixed validation windows (the same for every mode)")
     p.add_argument("--outer_learning_rate", type=_positive_float, default=0.7,
                    help="DiLoCo's outer Nesterov learning rate (paper: 0.7)")
     p.add_argument("--outer_momentum", type=_momentum, default=0.9,
@@ -127,6 +145,8 @@ def _worker(args) -> None:
     import keras
 
     keras.config.disable_traceback_filtering()
+
+    import numpy as np
 
     import _text_lm
     from tf_async.strategies import LocalUpdateStrategy
@@ -158,8 +178,21 @@ def _worker(args) -> None:
         )
     elif mode != "sync":
         raise ValueError(f"unknown mode {mode!r}")
+    # Traces of a step (``strategy.run`` called in graph mode): a retrace after
+    # an evaluation would show as more than one train + one test trace.
+    traced_runs = []
+    untraced_run = strategy.run
+
+    def counting_run(fn, *a, **k):
+        if not tf.executing_eagerly():
+            traced_runs.append(getattr(fn, "__name__", "?"))
+        return untraced_run(fn, *a, **k)
+
+    strategy.run = counting_run
     train, val, info = _text_lm.load_corpus()
-    val_x, val_y = _text_lm.val_windows(val, args.context, 64 * args.workers)
+    # The same fixed windows for every mode (and worker count); each worker
+    # evaluates every `workers`-th one, evaluate's result is their global mean.
+    val_x, val_y = _text_lm.val_windows(val, args.context, args.val_windows)
     total_steps = args.steps if mode == "sync" else int(args.steps * args.local_steps_factor)
     total_steps = -(-total_steps // args.eval_every) * args.eval_every
 
@@ -190,28 +223,38 @@ def _worker(args) -> None:
 
     train_ds = strategy.distribute_datasets_from_function(train_fn)
     val_ds = strategy.distribute_datasets_from_function(val_fn)
-    val_steps = -(-(64 * args.workers // args.workers) // 32)
+    val_steps = -(-(args.val_windows // args.workers) // 32)
     with strategy.scope():
         model = _text_lm.make_model(args.context, args.width, args.layers, 4, args.seed)
         model.compile(
-            optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01),
+            optimizer=keras.optimizers.AdamW(
+                _inner_learning_rate(args, total_steps), weight_decay=args.weight_decay),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
         # Build the compiled loss on a plain batch: Keras' symbolic build would
         # convert a distributed dataset's first (PerReplica) batch, and fail.
         model.compute_loss(val_x[:2], val_y[:2], model(val_x[:2]))
     initial = model.evaluate(val_ds, steps=val_steps, verbose=0)
-    curve = [{"step": 0, "seconds": 0.0, "val_loss": float(initial)}]
+    curve = [{"step": 0, "seconds": 0.0, "step_clock": 0.0, "val_loss": float(initial)}]
+
+    every = SYNC_EVERY[mode]
+    diagnose = mode == "diloco_h64"
 
     class Clock(keras.callbacks.Callback):
+        """Three clocks: wall (training time, evaluations excluded), step (sum of
+        the train steps' own times) and, in the driver, profile (median time per
+        step kind). Plus DiLoCo's drift diagnostics at every outer step."""
+
         def __init__(self):
             super().__init__()
             self.train_seconds = 0.0
             self.started = None
             self.step = 0
             self.first_step_seconds = None
-            self.step_seconds = []  # each step's own time (the profile)
+            self.step_seconds = []  # each step's own time
             self.batch_started = None
+            self.outer = []  # per outer step: |outer step|, |mean delta|, divergence
+            self.last_centre = None
 
         def on_train_batch_begin(self, batch, logs=None):
             self.batch_started = time.monotonic()
@@ -219,11 +262,33 @@ def _worker(args) -> None:
                 self.started = self.batch_started
 
         def on_train_batch_end(self, batch, logs=None):
+            now = time.monotonic()
             self.step += 1
-            self.step_seconds.append(round(time.monotonic() - self.batch_started, 4))
+            self.step_seconds.append(round(now - self.batch_started, 4))
             if self.step == 1:  # exclude the first step (tracing)
-                self.first_step_seconds = time.monotonic() - self.started
+                self.first_step_seconds = now - self.started
                 self.started = time.monotonic()
+            if diagnose:
+                self._diagnose()
+
+        def _diagnose(self):
+            """Outer step ``c_old − c_new`` and mean delta ``Δ = m_new − μ m_old``
+            (``m ← μm + Δ``), from the averager's centre and momentum."""
+            if self.step == 1 or self.step % every == 0:
+                # The averager's centre and momentum exist once the step was traced.
+                outer_state = strategy.state_variables()[3:5]
+                centre, momentum = (v.numpy().astype("float64") for v in outer_state)
+                if self.last_centre is not None and self.step % every == 0:
+                    c_old, m_old = self.last_centre
+                    step = float(np.linalg.norm(c_old - centre))
+                    delta = float(np.linalg.norm(momentum - args.outer_momentum * m_old))
+                    self.outer.append({
+                        "step": self.step, "outer_step_norm": round(step, 5),
+                        "mean_delta_norm": round(delta, 5),
+                        "ratio": round(step / delta, 3) if delta else None,
+                        "divergence": round(float(strategy.local_divergence.numpy()), 5),
+                    })
+                self.last_centre = (centre, momentum)
 
         def on_test_begin(self, logs=None):
             if self.started is not None:
@@ -232,6 +297,7 @@ def _worker(args) -> None:
 
         def on_epoch_end(self, epoch, logs=None):
             curve.append({"step": self.step, "seconds": round(self.train_seconds, 3),
+                          "step_clock": round(sum(self.step_seconds[1:]), 3),
                           "val_loss": float(logs["val_loss"])})
 
     clock = Clock()
@@ -244,8 +310,27 @@ def _worker(args) -> None:
         "mode": mode, "task": os.environ.get("TF_ASYNC_TASK"), "curve": curve,
         "params": model.count_params(), "syncs": syncs, "corpus": info,
         "first_step_seconds": clock.first_step_seconds, "step_seconds": clock.step_seconds,
+        "outer": clock.outer, "val_windows": int(len(val_x)),
+        "traced_runs": traced_runs,
     }
     print("CURVE " + json.dumps(result), flush=True)
+
+
+def _inner_learning_rate(args, total_steps):
+    """AdamW's lr: ``--learning_rate`` after a linear warmup from 0 over
+    ``--warmup_steps``, then constant or cosine-decayed to
+    ``COSINE_FINAL_FRACTION`` of it at the mode's last step."""
+    if args.lr_schedule == "constant" and not args.warmup_steps:
+        return args.learning_rate
+    import keras
+
+    alpha = 1.0 if args.lr_schedule == "constant" else COSINE_FINAL_FRACTION
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if args.warmup_steps else args.learning_rate,
+        decay_steps=total_steps - args.warmup_steps, alpha=alpha,
+        warmup_target=args.learning_rate if args.warmup_steps else None,
+        warmup_steps=args.warmup_steps,
+    )
 
 
 # ------------------------------------------------------------------ driver
@@ -261,8 +346,10 @@ def _run_mode(mode: str, args, passthrough) -> dict:
         "--", os.path.abspath(__file__), "--worker", mode, *passthrough,
     ]
     start = time.monotonic()
+    load_before = os.getloadavg()[0]
     proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=3600)
+    load_after = os.getloadavg()[0]
     output = proc.stdout + proc.stderr
     curves = [json.loads(m) for m in re.findall(r"^\[worker 0\] CURVE (\{.*\})$", output, re.M)]
     if proc.returncode != 0 or not curves:
@@ -271,19 +358,59 @@ def _run_mode(mode: str, args, passthrough) -> dict:
     result = curves[0]
     result["link"] = json.loads(stats.group(1)) if stats else []
     result["process_seconds"] = round(time.monotonic() - start, 1)
+    result["load"] = [round(load_before, 2), round(load_after, 2)]  # 1-min load average
     return result
 
 
-def _time_to(curve, target):
-    """Wall time at which the validation loss first reaches ``target`` (linear
-    interpolation between evaluations); None if never."""
+def _mode_order(modes, run):
+    """Run ``run``'s mode order: rotated by one per run, so no mode always runs
+    first (or right after another one) while the machine's load drifts."""
+    k = run % len(modes)
+    return list(modes[k:]) + list(modes[:k])
+
+
+def _time_to(curve, target, clock="seconds"):
+    """Time on ``clock`` at which the validation loss first reaches ``target``:
+    the crossing, linearly interpolated between the two evaluations around it;
+    None if never."""
     for a, b in zip(curve, curve[1:]):
         if b["val_loss"] <= target:
             if a["val_loss"] <= target:
-                return a["seconds"]
+                return a[clock]
             frac = (a["val_loss"] - target) / (a["val_loss"] - b["val_loss"])
-            return a["seconds"] + frac * (b["seconds"] - a["seconds"])
+            return a[clock] + frac * (b[clock] - a[clock])
     return None
+
+
+def _step_kind(mode, step):
+    """``sync`` (every step of sync: an all-reduce), ``outer`` (a local mode's
+    step that ends in a synchronisation) or ``inner`` (a local step)."""
+    if mode == "sync":
+        return "sync"
+    return "outer" if step % SYNC_EVERY[mode] == 0 else "inner"
+
+
+def _kind_medians(result, mode):
+    """Median seconds per step kind, the first (traced) step left out."""
+    import statistics
+
+    by_kind = {}
+    for k, t in enumerate((result.get("step_seconds") or [])[1:], start=2):
+        by_kind.setdefault(_step_kind(mode, k), []).append(t)
+    return {kind: statistics.median(times) for kind, times in by_kind.items()}
+
+
+def _profile_clock(curve, mode, medians):
+    """Each evaluation's time on the profile clock: every step so far priced at
+    its kind's median time, so a burst of load on the machine during a few
+    steps does not move the time to a loss."""
+    out = []
+    for point in curve:
+        seconds = sum(medians.get(_step_kind(mode, k), 0.0) for k in range(1, point["step"] + 1))
+        # (Results saved before the step clock existed: their wall time.)
+        out.append(dict(point, profile=round(seconds, 3),
+                        step_clock=point.get("step_clock", point["seconds"])))
+    return out
 
 
 def _loss_at(curve, step):
@@ -294,43 +421,53 @@ def _loss_at(curve, step):
 
 
 def _step_profile(result, mode):
-    """Median seconds of a local step and of a step that ends in a sync (the
-    first step, traced, left out); None where a mode has no such steps."""
-    import statistics
+    """Median seconds of a local (inner) step and of a step that ends in a sync
+    (sync's every step, a local mode's outer step); None where a mode has no
+    such steps."""
+    medians = _kind_medians(result, mode)
+    return medians.get("inner"), medians.get("outer", medians.get("sync"))
 
-    times = result.get("step_seconds") or []
-    every = SYNC_EVERY[mode]
-    syncing = [t for k, t in enumerate(times[1:], start=2) if k % every == 0]
-    local = [t for k, t in enumerate(times[1:], start=2) if k % every]
-    return (statistics.median(local) if local else None,
-            statistics.median(syncing) if syncing else None)
+
+CLOCKS = ("profile", "step_clock", "seconds")  # the final line uses the first
 
 
 def _summarise(runs, args) -> dict:
-    """Per-run metrics, and the summary lines."""
+    """Per-run metrics, and the summary lines. Times to sync's final loss on
+    three clocks: ``profile`` (each step priced at its kind's median time: the
+    final line's), ``step_clock`` (sum of the train steps' own times) and
+    ``seconds`` (wall time of training, evaluations excluded)."""
     import math
 
     per_run = []
     for modes in runs:
-        sync = modes["sync"]["curve"]
+        curves = {mode: _profile_clock(result["curve"], mode, _kind_medians(result, mode))
+                  for mode, result in modes.items()}
+        sync = curves["sync"]
         target = sync[-1]["val_loss"]
-        sync_time = _time_to(sync, target)
+        sync_times = {clock: _time_to(sync, target, clock) for clock in CLOCKS}
         row = {}
         for mode, result in modes.items():
-            curve = result["curve"]
+            curve = curves[mode]
             steps = curve[-1]["step"]
-            t = _time_to(curve, target)
+            times = {clock: _time_to(curve, target, clock) for clock in CLOCKS}
+            speedups = {clock: (sync_times[clock] / t) if t else 0.0
+                        for clock, t in times.items()}
             row[mode] = {
                 "final_val_loss": curve[-1]["val_loss"],
                 "final_bpb": curve[-1]["val_loss"] / math.log(2),
                 "steps": steps,
                 "seconds": curve[-1]["seconds"],
                 "seconds_per_step": curve[-1]["seconds"] / max(1, steps - 1),
-                "time_to_sync_loss": t,
-                "speedup_to_sync_loss": (sync_time / t) if t else 0.0,
+                "time_to_sync_loss": times["profile"],
+                "speedup_to_sync_loss": speedups["profile"],
+                "time_to_sync_loss_by_clock": times,
+                "speedup_by_clock": speedups,
                 "loss_at_sync_steps": _loss_at(curve, sync[-1]["step"]),
                 "syncs": result["syncs"],
                 "link": _link_summary(result["link"]),
+                "load": result.get("load"),
+                "outer": result.get("outer") or [],
+                "first_of_epoch_seconds": _first_of_epoch(result, args),
                 "gap_by_step": {
                     p["step"]: (_loss_at(curve, p["step"]) - p["val_loss"]) / p["val_loss"]
                     for p in sync[1:] if _loss_at(curve, p["step"]) is not None
@@ -342,6 +479,16 @@ def _summarise(runs, args) -> dict:
             row[mode]["gap_at_equal_steps"] = None if at is None else (at - target) / target
         per_run.append(row)
     return per_run
+
+
+def _first_of_epoch(result, args):
+    """Median time of the first step of the 2nd, 3rd, ... epoch (after an
+    evaluation); None for a single epoch."""
+    import statistics
+
+    every = getattr(args, "eval_every", None) or 64
+    times = (result.get("step_seconds") or [])[every::every]
+    return statistics.median(times) if times else None
 
 
 def _link_summary(links):
@@ -363,21 +510,28 @@ def _print(per_run, args, info) -> None:
           f"{args.workers} workers")
     header = (f"{'run':>3} {'mode':>14} {'steps':>5} {'syncs':>5} {'s/step':>7} {'wall s':>7} "
               f"{'val loss':>8} {'bpb':>6} {'loss@sync steps':>15} {'t→sync loss':>11} "
-              f"{'speedup':>7}  link (min/mean one-way ms, saturated Mbit/s)")
+              f"{'speedup':>7} {'(step, wall)':>12} {'load':>10}  "
+              "link (min/mean one-way ms, saturated Mbit/s)")
     print(header)
     for k, row in enumerate(per_run):
         for mode, r in row.items():
             t = r["time_to_sync_loss"]
             at = r["loss_at_sync_steps"]
             link = r["link"]
+            other = r["speedup_by_clock"]
+            load = r["load"] or ["-", "-"]
             print(f"{k:>3} {mode:>14} {r['steps']:>5} {r['syncs']:>5} "
                   f"{r['seconds_per_step']:>7.3f} {r['seconds']:>7.1f} "
                   f"{r['final_val_loss']:>8.4f} {r['final_bpb']:>6.3f} "
                   f"{'-' if at is None else f'{at:.4f}':>15} "
                   f"{'never' if t is None else f'{t:.1f}':>11} "
-                  f"{r['speedup_to_sync_loss']:>7.2f}  "
+                  f"{r['speedup_to_sync_loss']:>7.2f} "
+                  f"{other['step_clock']:>5.2f},{other['seconds']:>5.2f} "
+                  f"{load[0]:>4}→{load[1]:<5}  "
                   f"{link.get('one_way_ms_min')}/{link.get('one_way_ms_mean')}, "
                   f"{link.get('saturated_mbit')}")
+    print("# t→sync loss and speedup on the profile clock (each step at its kind's median "
+          "time); in brackets the speedup on the step clock and on wall time")
     for mode in per_run[0]:
         if mode == "sync":
             continue
@@ -389,12 +543,21 @@ def _print(per_run, args, info) -> None:
         print(f"# {mode} gap to sync by step, per run: "
               f"{[{k: round(g, 4) for k, g in row[mode]['gap_by_step'].items()} for row in per_run]}")
     for mode in per_run[0]:
-        profile = [(row[mode]["local_step_seconds"], row[mode]["sync_step_seconds"])
-                   for row in per_run]
+        profile = [(row[mode]["local_step_seconds"], row[mode]["sync_step_seconds"],
+                    row[mode]["first_of_epoch_seconds"]) for row in per_run]
         text = ", ".join(
-            f"local {'-' if a is None else f'{a:.3f}'} s, syncing {'-' if b is None else f'{b:.3f}'} s"
-            for a, b in profile)
+            f"local {'-' if a is None else f'{a:.3f}'} s, syncing {'-' if b is None else f'{b:.3f}'}"
+            f" s, first after an evaluation {'-' if c is None else f'{c:.3f}'} s"
+            for a, b, c in profile)
         print(f"# {mode} median step time per run: {text}")
+    for mode in per_run[0]:
+        for k, row in enumerate(per_run):
+            outer = row[mode]["outer"]
+            if outer:
+                print(f"# {mode} run {k} drift: |outer step| / |mean delta| per outer step "
+                      f"{[o['ratio'] for o in outer]}; |mean delta| "
+                      f"{[o['mean_delta_norm'] for o in outer]}; local_divergence "
+                      f"{[o['divergence'] for o in outer]}")
     if "diloco_h64" in per_run[0]:
         import statistics
 
@@ -462,6 +625,12 @@ def main(argv=None) -> None:
                 f"argument --modes: each must be one of {MODES + EXTRA_MODES}, got {mode!r}")
     if "sync" not in modes:
         parser.error("argument --modes: must include 'sync' (the target loss)")
+    if args.warmup_steps >= args.steps:
+        parser.error(f"argument --warmup_steps: must be < --steps ({args.steps}), "
+                     f"got {args.warmup_steps}")
+    if args.val_windows < args.workers:
+        parser.error(f"argument --val_windows: must be >= --workers ({args.workers}), "
+                     f"got {args.val_windows}")
     if args.from_json:
         with open(args.from_json) as f:
             runs = json.load(f)["runs"]
@@ -474,16 +643,18 @@ def main(argv=None) -> None:
             "--seed", str(args.seed), "--workers", str(args.workers),
             "--outer_learning_rate", str(args.outer_learning_rate),
             "--outer_momentum", str(args.outer_momentum),
+            "--weight_decay", str(args.weight_decay), "--lr_schedule", args.lr_schedule,
+            "--warmup_steps", str(args.warmup_steps), "--val_windows", str(args.val_windows),
         ]
         runs = []
         for run in range(args.runs):
             results = {}
-            for mode in modes:
+            for mode in _mode_order(modes, run):
                 results[mode] = _run_mode(mode, args, passthrough)
                 r = results[mode]
                 print(f"# run {run} {mode}: {r['curve'][-1]} ({r['process_seconds']} s "
-                      "in total)", flush=True)
-            runs.append(results)
+                      f"in total, 1-min load {r['load'][0]} -> {r['load'][1]})", flush=True)
+            runs.append({mode: results[mode] for mode in modes})
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump({"args": vars(args), "runs": runs}, f)

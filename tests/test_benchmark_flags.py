@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("slow_link.py", "--workers", "0", ">= 1"),
     ("slow_link.py", "--eval_every", "x", ">= 1"),
     ("slow_link.py", "--batch", "0", ">= 1"),
+    ("slow_link.py", "--warmup_steps", "-1", ">= 0"),
+    ("slow_link.py", "--val_windows", "0", ">= 1"),
     ("worker_evaluation.py", "--workers", "0", ">= 1"),
 ])
 def test_bad_numeric_flag_is_named(script, flag, value, allowed):
@@ -53,11 +56,16 @@ def test_bad_numeric_flag_is_named(script, flag, value, allowed):
     ("--eval_every", "32", "argument --eval_every: must be a multiple of 64, got 32"),
     ("--outer_momentum", "1", "argument --outer_momentum: must be a number in [0, 1), got '1'"),
     ("--outer_learning_rate", "0", "argument --outer_learning_rate: must be a number > 0"),
+    ("--weight_decay", "-0.1", "argument --weight_decay: must be a number >= 0, got '-0.1'"),
+    ("--lr_schedule", "linear", "argument --lr_schedule: invalid choice: 'linear'"),
+    ("--warmup_steps", "128", "argument --warmup_steps: must be < --steps (128), got 128"),
+    ("--val_windows", "1", "argument --val_windows: must be >= --workers (2), got 1"),
 ])
 def test_slow_link_bad_flags_are_named(flag, value, message):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "benchmarks", "slow_link.py"), flag, value],
+        [sys.executable, os.path.join(REPO, "benchmarks", "slow_link.py"), "--quick", flag,
+         value],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert result.returncode == 2, result.stderr[-2000:]
@@ -111,17 +119,29 @@ def test_staleness_quality_tiny_run_follows_the_protocol():
 
 @pytest.mark.slow
 def test_slow_link_quick_run_prints_the_goal_lines(tmp_path):
-    """A tiny end-to-end run: 3 modes x 2 worker processes over the relay."""
+    """A tiny end-to-end run: sync and DiLoCo (the two the goal lines compare),
+    2 worker processes each over the relay. Its cost is each launch's imports
+    and tracing, not its 64 steps: local SGD (the same LocalUpdateStrategy path
+    with the mean averager, through launch and the relay in
+    test_local_update_mwms.py) is left out to save a third launch."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "slow_link.py"),
-         "--steps", "64", "--eval_every", "64", "--local_steps_factor", "1", "--context", "16",
-         "--width", "16", "--layers", "1", "--batch", "2", "--link_latency_ms", "2",
+         "--modes", "sync,diloco_h64", "--steps", "64", "--eval_every", "64",
+         "--local_steps_factor", "1", "--context", "8", "--width", "8", "--layers", "1",
+         "--batch", "2", "--val_windows", "32", "--link_latency_ms", "2",
          "--link_mbit", "1000", "--out", str(tmp_path / "r.json")],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    lines = result.stdout.strip().splitlines()
+    out = result.stdout
+    assert "# diloco_h64 median step time per run: local " in out
+    assert "# diloco_h64 run 0 drift: |outer step| / |mean delta| per outer step [1.33]" in out
+    with open(tmp_path / "r.json") as f:
+        runs = json.load(f)["runs"]
+    assert [p["step"] for p in runs[0]["diloco_h64"]["curve"]] == [0, 64]
+    assert runs[0]["diloco_h64"]["val_windows"] == 32
+    lines = out.strip().splitlines()
     assert lines[-2].startswith("diloco_loss_gap_at_equal_steps: ")
     assert lines[-1].startswith("diloco_speedup_to_sync_loss: ")
     float(lines[-1].split(": ")[1])
