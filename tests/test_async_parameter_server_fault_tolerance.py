@@ -40,55 +40,66 @@ SCRIPT = textwrap.dedent('''
     with strategy.scope():
         model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
                                   keras.layers.Dense(2, activation="softmax")])
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
-                      metrics=["accuracy"],
-                      steps_per_execution=int(os.environ["STEPS_PER_EXECUTION"]))
+        optimizer = keras.optimizers.Adam()
 
     class KillWorker(keras.callbacks.Callback):
+        def __init__(self, worker):
+            super().__init__()
+            self.worker = worker
+
         def on_train_batch_end(self, batch, logs=None):
             if self.params and batch >= STEPS // 2 and not getattr(self, "done", False):
                 self.done = True
-                with open(os.path.join(PID_DIR, "worker_1.pid")) as f:
+                with open(os.path.join(PID_DIR, f"worker_{self.worker}.pid")) as f:
                     pid = int(f.read())
                 os.kill(pid, signal.SIGKILL)
-                print("killed worker 1 pid", pid, flush=True)
+                print(f"killed worker {self.worker} pid", pid, flush=True)
 
-    history = model.fit(dataset, epochs=EPOCHS, steps_per_epoch=STEPS, verbose=2,
-                        callbacks=[KillWorker()])
-    print("steps_scheduled:", EPOCHS * STEPS)
-    print("version:", strategy.global_version)
-    print("iterations:", int(model.optimizer.iterations.numpy()))
-    print("final_loss:", history.history["loss"][-1])
-    sys.stdout.flush()
-    os._exit(0)  # the coordinator keeps reconnecting to the dead worker
+    # One cluster, two fits: steps_per_execution 1 (worker 1 killed), then,
+    # recompiled with the same optimizer, 4 (worker 2 killed).
+    for fit, (steps_per_execution, worker) in enumerate([(1, 1), (4, 2)]):
+        with strategy.scope():
+            model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
+                          metrics=["accuracy"], steps_per_execution=steps_per_execution)
+        history = model.fit(dataset, epochs=EPOCHS, steps_per_epoch=STEPS, verbose=2,
+                            callbacks=[KillWorker(worker)])
+        print(f"fit{fit}_steps_scheduled:", (fit + 1) * EPOCHS * STEPS)
+        print(f"fit{fit}_version:", strategy.global_version)
+        print(f"fit{fit}_iterations:", int(model.optimizer.iterations.numpy()))
+        print(f"fit{fit}_final_loss:", history.history["loss"][-1])
+        sys.stdout.flush()
+    os._exit(0)  # the coordinator keeps reconnecting to the dead workers
 ''')
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("steps_per_execution", [1, 4])
-def test_fit_survives_killed_worker_with_exact_step_count(tmp_path, steps_per_execution):
-    """With 4 steps per scheduled call, a call retried after the kill skips the
-    steps its first attempt had already committed and runs the rest."""
+def test_fit_survives_killed_worker_with_exact_step_count(tmp_path):
+    """Two fits in one 3-worker cluster, a worker SIGKILLed in each: with 1
+    step per scheduled call, and (recompiled) with 4, where a call retried
+    after the kill skips the steps its first attempt had already committed
+    and runs the rest. Every scheduled step is applied exactly once."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     env = dict(os.environ)
-    env["STEPS_PER_EXECUTION"] = str(steps_per_execution)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["PID_DIR"] = str(tmp_path)
     env.pop("TF_CONFIG", None)
     result = subprocess.run(
         [sys.executable, "-m", "tf_async.launch", "--workers", "3", "--ps", "1",
          "--keep_going", "--", str(script)],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=400,
     )
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
-    assert "killed worker 1" in out, out[-3000:]
-    assert re.search(r"\[launch\] worker 1 exited with code", out), out[-3000:]
-    values = dict(re.findall(r"\[chief 0\] (steps_scheduled|version|iterations|final_loss): (\S+)", out))
-    assert values["version"] == values["steps_scheduled"] == "160", values
-    assert values["iterations"] == "160", values
-    assert float(values["final_loss"]) < 1e9  # finite
+    for worker in (1, 2):
+        assert f"killed worker {worker}" in out, out[-3000:]
+        assert re.search(rf"\[launch\] worker {worker} exited with code", out), out[-3000:]
+    values = dict(re.findall(
+        r"\[chief 0\] (fit\d_(?:steps_scheduled|version|iterations|final_loss)): (\S+)", out))
+    for fit, expected in (("fit0", "160"), ("fit1", "320")):
+        assert values[f"{fit}_version"] == values[f"{fit}_steps_scheduled"] == expected, values
+        assert values[f"{fit}_iterations"] == expected, values
+        assert float(values[f"{fit}_final_loss"]) < 1e9  # finite
 
 
 @pytest.mark.slow
