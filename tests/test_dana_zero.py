@@ -268,3 +268,28 @@ def test_step_context_worker():
     staleness.check_worker_slots(keras.optimizers.Adam(), 8, "X")  # no per-worker state
     with pytest.raises(ValueError, match="num_workers=5 workers, but the X has 2"):
         staleness.check_worker_slots(DanaZeroSGD(num_workers=5), 2, "X")
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_row_gradients_are_the_dense_gradient_and_rows_predict(kind):
+    """A table's IndexedSlices gradient (ids repeated) gives the dense
+    gradient's update; the look-ahead of rows ``ids`` is those rows of the
+    full look-ahead."""
+    results = []
+    for sparse in (True, False):
+        table = keras.Variable(np.arange(8, dtype=np.float32).reshape(4, 2) / 8)
+        optimizer = _make(kind)
+        rows = tf.IndexedSlices(tf.constant([[1.0, 2.0], [3.0, 4.0], [0.5, 0.5]]),
+                                tf.constant([2, 0, 2]), tf.constant([4, 2]))
+        for worker in (0, 1, 2, 0):
+            with staleness.publish(0, worker=worker):
+                optimizer.apply([rows if sparse else tf.convert_to_tensor(rows)], [table])
+        results.append((table.numpy(), optimizer, table))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    _, optimizer, table = results[0]
+    table_value = tf.constant(results[0][0])
+    full = optimizer.predict_weights(table, table_value, 2.0).numpy()
+    ids = tf.constant([3, 0], tf.int64)
+    part = optimizer.predict_weights(table, tf.gather(table_value, ids), 2.0, ids=ids).numpy()
+    np.testing.assert_allclose(part, full[[3, 0]], rtol=1e-6, atol=1e-7)
+    assert np.abs(full - results[0][0]).max() > 1e-4  # the look-ahead moved
