@@ -102,7 +102,7 @@ def test_staleness_quality_tiny_run_follows_the_protocol():
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     out = result.stdout
     for task in ("mlp ", "cnn "):
-        assert f"  {task} Adam         base                 sync   grid (val/test mean): " \
+        assert f"  {task} Adam         base                   sync   grid (val/test mean): " \
             "[lr 0.0003] " in out
         assert f"  {task} Adam         GapAware(DanaZeroAdam) M=4    grid (val/test mean): " in out
     assert "PS2    chosen [lr " in out and "staleness_mean" in out
