@@ -1,8 +1,9 @@
 """DANA-Zero under AsyncParameterServerStrategy.fit (slow; each test in a fresh
 process): one worker equals the NumPy reference (default horizon 0: Keras
 momentum SGD / Adam; horizon 1: the gradient at w + μ·Σ_j m^j); two workers
-fill both buffers, keep S = Σ_j m^j, and iterations / the global step are
-exact (fully asynchronous with steps_per_execution, and under SSP); a
+(two parameter servers) fill both buffers, colocated with their variables,
+keep S = Σ_j m^j, and iterations / the global step are exact (fully
+asynchronous with steps_per_execution, and under SSP); a
 num_workers that is not the cluster's is rejected when fit starts."""
 
 from __future__ import annotations
@@ -63,12 +64,16 @@ def _make(kind, workers):
     return DanaZeroAdam(LR_ADAM, beta_1=B1, beta_2=B2, epsilon=EPS, num_workers=workers)
 
 
-def _model(strategy, optimizer_fn, **compile_kwargs):
+def _model(strategy, optimizer_fn, hidden=False, **compile_kwargs):
     import keras
 
     with strategy.scope():
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-        model.set_weights(_init())
+        if hidden:  # four variables: spread over two parameter servers
+            model = keras.Sequential(
+                [keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+        else:
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+            model.set_weights(_init())
         model.compile(optimizer_fn(), "mse", **compile_kwargs)
     return model
 
@@ -125,12 +130,12 @@ def _child_two_workers(max_staleness):
     x, y = _data(steps)
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
     strategy = tf_async.strategies.AsyncParameterServerStrategy(
-        tf_async.local_cluster(workers=2, ps=1), max_staleness=max_staleness)
+        tf_async.local_cluster(workers=2, ps=2), max_staleness=max_staleness)
     out = {}
     runs = {"sgd": (lambda: _make("sgd", 2), 1),
             "gap_aware_adam": (lambda: GapAware(_make("adam", 2)), 4)}
     for key, (make, per_call) in runs.items():
-        model = _model(strategy, make, steps_per_execution=per_call)
+        model = _model(strategy, make, steps_per_execution=per_call, hidden=True)
         history = model.fit(data, epochs=2, steps_per_epoch=steps // 2, verbose=0)
         optimizer = model.optimizer
         inner = getattr(optimizer, "inner_optimizer", optimizer)
@@ -145,6 +150,10 @@ def _child_two_workers(max_staleness):
             "sum_error": max(float(np.abs(r.sum(0) - s).max()) for r, s in zip(rows, sums)),
             "finite": all(bool(np.all(np.isfinite(w))) for w in model.get_weights()),
             "tau_max": history.history["staleness_max"],
+            # each buffer slot and sum lives on its variable's parameter server
+            "devices": [(v.value.device, w.value.device, t.value.device) for v, w, t in
+                        zip(model.trainable_variables, inner.worker_momentums,
+                            inner.momentum_sums)],
         }
     return out
 
@@ -165,3 +174,6 @@ def test_two_workers_fill_both_buffers_and_count_exactly(fresh_process, max_stal
         assert result["sum_error"] < 1e-5, (key, result)
         if max_staleness is not None:
             assert max(result["tau_max"]) <= max_staleness, (key, result)
+        assert len({d[0] for d in result["devices"]}) == 2, result["devices"]
+        for variable, slot, total in result["devices"]:
+            assert variable == slot == total, result["devices"]
