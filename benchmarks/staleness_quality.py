@@ -13,10 +13,12 @@ task and base, SGD with momentum 0.9 and Adam:
 2. async M in ``--workers`` (8, 16, 32; ``--quick``: 16, 32):
    ``SimulatedAsyncStrategy(M, "round_robin")`` (τ = M − 1) with the plain
    base at the sync-best rate and the recommended tf_async method
-   (``RECOMMENDED``; ``--all_methods`` adds GapAware(base) without the
-   look-ahead), each method's hyper-parameters chosen from a printed grid
-   (``method_grid``: learning rate sync-best, /3, /10) on validation accuracy
-   averaged over the seeds;
+   (``RECOMMENDED``: GapAware around DANA-Zero, one momentum buffer per
+   worker; ``--all_methods`` adds GapAware(base) without a look-ahead,
+   GapAware around the single-buffer DANA look-ahead and DANA-Zero alone),
+   each method's hyper-parameters chosen from a printed grid (``method_grid``:
+   learning rate 3×, 1×, ⅓ of sync-best) on validation accuracy averaged
+   over the seeds;
 3. ``AsyncParameterServerStrategy`` with ``--ps_workers`` (8) in-process
    workers (real, not simulated, staleness; ``mlp`` task): the same
    comparison, the measured ``staleness_mean`` printed. ``--ps_workers 0``
@@ -42,49 +44,77 @@ from _flags import non_negative_int, positive_int  # noqa: E402 (benchmarks/ is 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+# TensorFlow, Keras and tf_async are imported by _load() after the flags are
+# parsed: a bad flag costs a second, not TensorFlow's import.
+keras = np = tf = None
+DanaAdam = DanaSGD = DanaZeroAdam = DanaZeroSGD = GapAware = SimulatedAsyncStrategy = None
+load_digits_dataset = None
 
-from _data import load_digits_dataset  # noqa: E402
-from tf_async.keras_optimizers import DanaAdam, DanaSGD, GapAware  # noqa: E402
-from tf_async.strategies import SimulatedAsyncStrategy  # noqa: E402
+
+def _load() -> None:
+    global keras, np, tf, DanaAdam, DanaSGD, DanaZeroAdam, DanaZeroSGD, GapAware
+    global SimulatedAsyncStrategy, load_digits_dataset
+    import keras as _keras
+    import numpy as _np
+    import tensorflow as _tf
+
+    from _data import load_digits_dataset as _load_digits
+    from tf_async import keras_optimizers as _optimizers
+    from tf_async.strategies import SimulatedAsyncStrategy as _Simulated
+
+    keras, np, tf = _keras, _np, _tf
+    DanaAdam, DanaSGD = _optimizers.DanaAdam, _optimizers.DanaSGD
+    DanaZeroAdam, DanaZeroSGD = _optimizers.DanaZeroAdam, _optimizers.DanaZeroSGD
+    GapAware, SimulatedAsyncStrategy = _optimizers.GapAware, _Simulated
+    load_digits_dataset = _load_digits
+
 
 MOMENTUM = 0.9
 TASKS = ("mlp", "cnn")
 BASES = ("SGD-momentum", "Adam")
 SYNC_GRID = {"SGD-momentum": (0.01, 0.03, 0.1, 0.3), "Adam": (3e-4, 1e-3, 3e-3)}
-RECOMMENDED = {"SGD-momentum": "GapAware(DanaSGD)", "Adam": "GapAware(DanaAdam)"}
+RECOMMENDED = {"SGD-momentum": "GapAware(DanaZeroSGD)", "Adam": "GapAware(DanaZeroAdam)"}
+OTHER_METHODS = {  # --all_methods
+    "SGD-momentum": ("GapAware", "GapAware(DanaSGD)", "DanaZeroSGD"),
+    "Adam": ("GapAware", "GapAware(DanaAdam)", "DanaZeroAdam"),
+}
 GAP_WORKERS = (16, 32)  # the final line's M
 
 
-def make_optimizer(base: str, method: str, config: dict):
+def make_optimizer(base: str, method: str, config: dict, workers: int = 1):
+    """``workers``: the strategy's worker count (DANA-Zero's ``num_workers``)."""
     lr = config["lr"]
     if base == "SGD-momentum":
         momentum = config.get("momentum", MOMENTUM)
         plain = lambda: keras.optimizers.SGD(lr, momentum=momentum)  # noqa: E731
         dana = lambda: DanaSGD(lr, momentum=momentum)  # noqa: E731
+        zero = lambda: DanaZeroSGD(lr, momentum=momentum, num_workers=workers)  # noqa: E731
     else:
         plain = lambda: keras.optimizers.Adam(lr)  # noqa: E731
         dana = lambda: DanaAdam(lr)  # noqa: E731
-    if method == "base":
-        return plain()
-    if method.startswith("GapAware(Dana"):
-        return GapAware(dana())
-    if method == "GapAware":
-        return GapAware(plain())
-    raise ValueError(method)
+        zero = lambda: DanaZeroAdam(lr, num_workers=workers)  # noqa: E731
+    makers = {"base": plain, "GapAware": lambda: GapAware(plain()),
+              "GapAware(DanaSGD)": lambda: GapAware(dana()),
+              "GapAware(DanaAdam)": lambda: GapAware(dana()),
+              "GapAware(DanaZeroSGD)": lambda: GapAware(zero()),
+              "GapAware(DanaZeroAdam)": lambda: GapAware(zero()),
+              "DanaZeroSGD": zero, "DanaZeroAdam": zero}
+    if method not in makers:
+        raise ValueError(method)
+    return makers[method]()
 
 
 def methods_for(base: str, every: bool):
-    return ("base", "GapAware", RECOMMENDED[base]) if every else ("base", RECOMMENDED[base])
+    if every:
+        return ("base", *OTHER_METHODS[base], RECOMMENDED[base])
+    return ("base", RECOMMENDED[base])
 
 
 def method_grid(base: str, method: str, lr_sync: float):
     """The hyper-parameter candidates of ``method`` (the base: the sync-best rate)."""
     if method == "base":
         return [{"lr": lr_sync}]
-    return [{"lr": lr_sync}, {"lr": lr_sync / 3}, {"lr": lr_sync / 10}]
+    return [{"lr": 3 * lr_sync}, {"lr": lr_sync}, {"lr": lr_sync / 3}]
 
 
 def build_model(task: str, inputs: int, hidden: int) -> keras.Model:
@@ -120,9 +150,10 @@ def train(task, base, method, config, strategy, data, args, seed):
     keras.utils.set_random_seed(seed)
     dataset = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
                .shuffle(len(x_train), seed=seed).repeat().batch(args.batch))
+    workers = getattr(strategy, "num_workers", 1)
     with strategy.scope():
         model = build_model(task, x_train.shape[1], args.hidden)
-        model.compile(make_optimizer(base, method, config),
+        model.compile(make_optimizer(base, method, config, workers),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       jit_compile=args.jit)
     history = model.fit(dataset, epochs=1, steps_per_epoch=args.steps, verbose=0)
@@ -148,13 +179,13 @@ def select(label, task, base, method, grid, strategy_for, data, args):
     runs = [[train(task, base, method, config, strategy_for(), data, args, seed)
              for seed in seeds] for config in grid]
     means = [float(np.mean([r["val"] for r in results])) for results in runs]
-    print(f"  {task:4} {base:12} {method:20} {label:6} grid (val/test mean): " + ", ".join(
+    print(f"  {task:4} {base:12} {method:22} {label:6} grid (val/test mean): " + ", ".join(
         f"[{_describe(c)}] {v:.2f}/{np.mean([r['test'] for r in rs]):.2f}"
         for c, v, rs in zip(grid, means, runs)), flush=True)
     best = int(np.argmax(means))
     tests = [r["test"] for r in runs[best]]
     taus = [r["tau"] for r in runs[best] if r["tau"] is not None]
-    print(f"  {task:4} {base:12} {method:20} {label:6} chosen [{_describe(grid[best])}] "
+    print(f"  {task:4} {base:12} {method:22} {label:6} chosen [{_describe(grid[best])}] "
           f"test per seed: " + ", ".join(f"{t:.2f}" for t in tests)
           + (f"; staleness_mean {np.mean(taus):.2f}" if taus else ""), flush=True)
     return {"config": grid[best], "val": means[best], "test": float(np.mean(tests)),
@@ -190,7 +221,8 @@ def main() -> None:
     parser.add_argument("--ps_workers", type=non_negative_int, default=8,
                         help="in-process AsyncParameterServerStrategy workers (0: skip)")
     parser.add_argument("--all_methods", action="store_true",
-                        help="also GapAware without the look-ahead")
+                        help="also GapAware without a look-ahead, GapAware with the "
+                        "single-buffer DANA look-ahead and DANA-Zero alone")
     parser.add_argument("--jit", action="store_true", help="jit_compile=True (slower to compile)")
     args = parser.parse_args()
     tasks = args.tasks.split(",")
@@ -207,6 +239,7 @@ def main() -> None:
         args.seeds = 2 if args.quick else 3
     if args.workers is None:
         args.workers = [16, 32] if args.quick else [8, 16, 32]
+    _load()
 
     name, (x_train, y_train, x_test, y_test) = load_digits_dataset(seed=0)
     cut = int(0.8 * len(x_train))
@@ -259,11 +292,11 @@ def main() -> None:
                                 lambda: strategy, data, args)
                 rows.append(("mlp", base, label, method, result))
 
-    print(f"\n{'task':4} {'base':12} {'run':6} {'method':20} {'chosen':22} {'test acc':>8}  "
+    print(f"\n{'task':4} {'base':12} {'run':6} {'method':22} {'chosen':22} {'test acc':>8}  "
           "spread (min-max)  vs sync")
     for task, base, label, method, result in rows:
         sync = sync_best[task, base][1]["test"]
-        print(f"{task:4} {base:12} {label:6} {method:20} {_describe(result['config']):22} "
+        print(f"{task:4} {base:12} {label:6} {method:22} {_describe(result['config']):22} "
               f"{result['test']:8.2f}  {result['lo']:.2f}-{result['hi']:.2f}"
               f"       {result['test'] - sync:+.2f}")
     print(f"wall time {time.time() - start:.0f}s")

@@ -102,11 +102,11 @@ def test_staleness_quality_tiny_run_follows_the_protocol():
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     out = result.stdout
     for task in ("mlp ", "cnn "):
-        assert f"  {task} Adam         base                 sync   grid (val/test mean): " \
+        assert f"  {task} Adam         base                   sync   grid (val/test mean): " \
             "[lr 0.0003] " in out
-        assert f"  {task} Adam         GapAware(DanaAdam)   M=4    grid (val/test mean): " in out
+        assert f"  {task} Adam         GapAware(DanaZeroAdam) M=4    grid (val/test mean): " in out
     assert "PS2    chosen [lr " in out and "staleness_mean" in out
-    grids = [line for line in out.splitlines() if "GapAware(DanaAdam)" in line and " grid " in line]
+    grids = [line for line in out.splitlines() if "GapAware(DanaZeroAdam)" in line and " grid " in line]
     assert len(grids) == 3 and all(line.count("[lr ") == 3 for line in grids), grids
     chosen = [line for line in out.splitlines() if " chosen [" in line]
     assert all(len(line.split("test per seed: ")[1].split(";")[0].split(", ")) == 2

@@ -24,6 +24,10 @@ Inside ``update_step(gradient, variable, learning_rate)`` an optimizer reads::
                                                   # (IndexedSlices of rows for a
                                                   # table read row by row)
 
+and, for an optimizer that keeps state per worker (DANA-Zero's momentum
+buffers), ``staleness.current_worker()`` — the int64 index of the worker the
+step came from (published as ``publish(..., worker=i)``; 0 without one).
+
 With no published context (ordinary synchronous training) ``current_tau()``
 is 0 and ``read_value(v)`` is ``v``'s current value, so delay compensation
 vanishes and compensating optimizers equal their base optimizers exactly.
@@ -60,6 +64,9 @@ __all__ = [
     "is_row_read",
     "predicts_weights",
     "predicted_read",
+    "current_worker",
+    "worker_slots",
+    "check_worker_slots",
 ]
 
 
@@ -72,10 +79,12 @@ class StepContext:
         to the tensor the gradient was computed at.
     """
 
-    __slots__ = ("tau", "_read_values")
+    __slots__ = ("tau", "worker", "_read_values")
 
-    def __init__(self, tau: tf.Tensor, read_values: Mapping[int, tf.Tensor]):
+    def __init__(self, tau: tf.Tensor, read_values: Mapping[int, tf.Tensor],
+                 worker: Optional[tf.Tensor] = None):
         self.tau = tau
+        self.worker = worker
         self._read_values = dict(read_values)
 
     def read_value(self, variable) -> tf.Tensor:
@@ -138,6 +147,7 @@ def publish(
     tau,
     variables: Sequence = (),
     read_values: Sequence = (),
+    worker=None,
 ) -> Iterator[StepContext]:
     """Publishes ``tau`` and the read weights for the enclosed optimizer apply.
 
@@ -149,6 +159,9 @@ def publish(
         (``values`` of shape ``[rows, *variable.shape[1:]]``, unique
         ``indices``) for a table the step read row by row. May be empty: then
         ``read_value`` returns current values.
+      worker: integer scalar (tensor or Python int >= 0), the index of the
+        worker whose gradient this is, for optimizers that keep per-worker
+        state (:func:`worker_slots`); ``None``: worker 0.
 
     Raises:
       ValueError: if ``variables`` and ``read_values`` differ in length or a
@@ -182,7 +195,15 @@ def publish(
                 f"has shape {tuple(value.shape)}, expected {tuple(variable.shape)}."
             )
         mapping[_keras_fit.variable_key(variable)] = value
-    context = StepContext(tau, mapping)
+    if worker is not None:
+        if isinstance(worker, bool) or (isinstance(worker, int) and worker < 0):
+            raise ValueError(
+                f"publish(): `worker` must be an int >= 0 or an integer tensor; got {worker!r}.")
+        worker = tf.cast(worker, tf.int64)
+        if worker.shape.rank not in (None, 0):
+            raise ValueError(
+                f"publish(): `worker` must be a scalar, got shape {worker.shape}.")
+    context = StepContext(tau, mapping, worker)
     stack = _stack()
     stack.append(context)
     try:
@@ -234,6 +255,15 @@ def current_tau() -> tf.Tensor:
     return context.tau
 
 
+def current_worker() -> tf.Tensor:
+    """Index of the worker whose gradient is being applied (int64 scalar);
+    0 without a context or when the strategy published no worker."""
+    context = current()
+    if context is None or context.worker is None:
+        return tf.constant(0, tf.int64)
+    return context.worker
+
+
 def read_value(variable) -> tf.Tensor:
     """Weights the current gradient for ``variable`` was computed at.
 
@@ -265,6 +295,30 @@ def predicted_read(optimizer, variable, value, horizon, ids=None):
     if not predicts_weights(optimizer) or not getattr(optimizer, "built", False):
         return value
     return optimizer.predict_weights(variable, value, horizon, ids=ids)
+
+
+def worker_slots(optimizer) -> Optional[int]:
+    """The number of workers ``optimizer`` keeps state for, or ``None``.
+
+    An optimizer that keeps one buffer per worker (DANA-Zero) declares it with
+    an int ``worker_slots`` attribute (its ``num_workers``); wrappers
+    (``GapAware``, ``StalenessScaled``) forward their inner optimizer's. It
+    reads the worker of each step from :func:`current_worker`.
+    """
+    slots = getattr(optimizer, "worker_slots", None)
+    return None if slots is None else int(slots)
+
+
+def check_worker_slots(optimizer, num_workers: int, strategy_name: str) -> None:
+    """ValueError unless an optimizer with per-worker state was built for
+    exactly the strategy's ``num_workers`` workers (called at ``fit`` start)."""
+    slots = worker_slots(optimizer)
+    if slots is not None and slots != num_workers:
+        raise ValueError(
+            f"{type(optimizer).__name__} keeps momentum for num_workers={slots} "
+            f"workers, but the {strategy_name} has {num_workers} workers: create the "
+            f"optimizer with num_workers={num_workers}."
+        )
 
 
 def check_max_staleness(max_staleness) -> Optional[int]:

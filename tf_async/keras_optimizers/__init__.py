@@ -23,3 +23,6 @@ __all__ += ["GapAware"]
 from tf_async.keras_optimizers.look_ahead import DanaAdam, DanaSGD  # noqa: E402
 
 __all__ += ["DanaSGD", "DanaAdam"]
+from tf_async.keras_optimizers.dana_zero import DanaZeroAdam, DanaZeroSGD  # noqa: E402
+
+__all__ += ["DanaZeroSGD", "DanaZeroAdam"]

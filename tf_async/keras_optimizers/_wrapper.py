@@ -80,6 +80,13 @@ class InnerOptimizerWrapper(keras.optimizers.Optimizer):
 
         return staleness.predicts_weights(self.inner_optimizer)
 
+    @property
+    def worker_slots(self):
+        """The inner optimizer's per-worker state (``tf_async.staleness.worker_slots``)."""
+        from tf_async import staleness
+
+        return staleness.worker_slots(self.inner_optimizer)
+
     def predict_weights(self, variable, value, horizon, ids=None):
         from tf_async import staleness
 

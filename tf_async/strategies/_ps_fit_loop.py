@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_async import _keras_fit
+from tf_async import _keras_fit, staleness
 from tf_async.strategies import _ps_data, _ps_step_ids
 from tf_async.strategies._ps_train_step import PSCounters, TrainStep
 
@@ -191,6 +191,8 @@ def run_fit(
         _keras_fit.symbolic_build(model, _ps_data.element_spec(source, strategy.num_workers))
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
+    staleness.check_worker_slots(
+        model.optimizer, strategy.num_workers, "AsyncParameterServerStrategy")
     if steps_per_epoch and callable(x) and not isinstance(x, tf.data.Dataset):
         _ps_data.warn_if_fn_runs_short(
             source, strategy.num_workers, steps * max(epochs - initial_epoch, 0))

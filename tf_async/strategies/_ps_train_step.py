@@ -11,6 +11,9 @@ Per step, on a worker (all state lives on the parameter servers):
    the snapshot of each dense, unsharded variable is the optimizer's prediction
    ``h`` updates ahead, made where the read ran (tables and sharded variables
    are used as read);
+   an optimizer with per-worker state (DANA-Zero, ``staleness.worker_slots``)
+   also gets the worker's index, sent with the step id in the fused transfer
+   and published with τ (``staleness.current_worker()``);
 3. the step takes a ticket: its position in the global update order;
 4. τ = (updates applied between the read and this apply); τ and ``w_read`` are
    published through :func:`tf_async.staleness.publish` around
@@ -310,7 +313,7 @@ class TrainStep:
         return [rows if rows is not None else value
                 for value, rows in zip(commit_values, row_reads)]
 
-    def _apply(self, gradients, values, tau) -> tf.Operation:
+    def _apply(self, gradients, values, tau, worker=None) -> tf.Operation:
         """``optimizer.apply`` inside the StepContext; returns a group of its ops.
 
         A table's update (row-sparse gradient) runs holding the table's lock
@@ -327,7 +330,7 @@ class TrainStep:
                         if isinstance(g, tf.IndexedSlices) and isinstance(value, tf.IndexedSlices)]
         graph = tf.compat.v1.get_default_graph()
         first = len(graph.get_operations())
-        with staleness.publish(tau, trainable, values), row_sparse.updates(
+        with staleness.publish(tau, trainable, values, worker=worker), row_sparse.updates(
             model.optimizer, gradients, trainable
         ), self._table_locks.exclusive(tables), _sparse_rows.unique_indices(deduplicated):
             model.optimizer.apply(gradients, trainable)
@@ -354,13 +357,18 @@ class TrainStep:
 
         # Only "raise" names the worker (a per-call value sent to the PS).
         worker = self._worker_index()
+        # An optimizer with per-worker state (DANA-Zero) is told whose step
+        # this is: the worker index rides along with the step id.
+        slot_worker = self._slot_worker()
         if self.max_staleness is None:
             # The commit runs on the PS. The worker sends the gradients, the
-            # non-trainable updates, the metric contributions and the step id
-            # in one fused transfer per PS, and gets nothing back.
+            # non-trainable updates, the metric contributions, the step id
+            # (and the worker index) in one fused transfer per PS, and gets
+            # nothing back.
             deltas = self._metric_deltas(x, y, y_pred, loss, sample_weight)
-            gradients, updates, deltas, step_id = self._send_to_ps(
-                _nonfinite.fold_loss_into(gradients, loss), updates, deltas, step_id
+            gradients, updates, deltas, step_id, slot_worker = self._send_to_ps(
+                _nonfinite.fold_loss_into(gradients, loss), updates, deltas, step_id,
+                slot_worker,
             )
             commit_scope = tf.device(ps)
 
@@ -370,7 +378,7 @@ class TrainStep:
                         ticket = _fetch_and_increment(counters.version)
                     tau = ticket - v_read
                     with tf.control_dependencies([ticket]):
-                        applied = self._apply(gradients, commit_values, tau)
+                        applied = self._apply(gradients, commit_values, tau, slot_worker)
                     return self._finish(step_id, applied, updates, deltas, tau)
 
                 finite = _nonfinite.all_finite(list(gradients) + list(updates))
@@ -382,7 +390,7 @@ class TrainStep:
             def commit():
                 return self._bounded_commit(
                     step_id, worker, v_read, gradients, commit_values, y_pred, loss,
-                    updates, x, y, sample_weight,
+                    updates, x, y, sample_weight, slot_worker,
                 )
 
         # A closure retried by the coordinator after its first attempt
@@ -392,8 +400,9 @@ class TrainStep:
         with commit_scope:
             tf.cond(already_done, lambda: tf.constant(False), commit)
 
-    def _send_to_ps(self, gradients, updates, deltas, step_id):
-        """Moves the step's results to the PS tasks that use them, fused."""
+    def _send_to_ps(self, gradients, updates, deltas, step_id, slot_worker=None):
+        """Moves the step's results to the PS tasks that use them, fused
+        (``slot_worker``, if not None, travels with the step id)."""
         ps = self.counters.version.device
 
         def home(variable):
@@ -401,14 +410,16 @@ class TrainStep:
             return ps if hasattr(target, "variables") else target.device  # shards: via ps
 
         non_trainable = self.model.non_trainable_variables
+        extra = [] if slot_worker is None else [slot_worker]
         tensors = (
             list(gradients) + list(updates) + [flat for _, _, flat in deltas] + [step_id]
+            + extra
         )
         destinations = (
             [home(v) for v in self.model.trainable_variables]
             + [home(non_trainable[i]) for i in self._updated_non_trainable]
             + [device or ps for device, _, _ in deltas]
-            + [ps]
+            + [ps] + [ps] * len(extra)
         )
         moved = _fused_transfer.send(tensors, destinations)
         n_g, n_u, n_d = len(gradients), len(updates), len(deltas)
@@ -418,7 +429,8 @@ class TrainStep:
             (device, targets, flat)
             for (device, targets, _), flat in zip(deltas, moved[n_g + n_u:n_g + n_u + n_d])
         ]
-        return gradients, updates, deltas, moved[-1]
+        step_id = moved[n_g + n_u + n_d]
+        return gradients, updates, deltas, step_id, (moved[-1] if extra else None)
 
     def _finish(self, step_id, applied, updates, deltas, tau):
         """Metrics and staleness statistics (need not wait for the apply), then
@@ -443,6 +455,14 @@ class TrainStep:
             return None
         return tf.distribute.coordinator.experimental_get_current_worker_index()
 
+    def _slot_worker(self):
+        """This worker's index (int64) for an optimizer with per-worker state
+        (``staleness.worker_slots``), else None."""
+        if staleness.worker_slots(self.model.optimizer) is None:
+            return None
+        index = tf.distribute.coordinator.experimental_get_current_worker_index()
+        return tf.cast(index, tf.int64)
+
     def _apply_if_finite(self, finite, apply, step_id, worker, release=None):
         """``apply()`` if ``finite``, else ``_skip``; then ``release`` (SSP:
         the next turn may go) and, with ``on_nonfinite="raise"``, the check
@@ -456,7 +476,7 @@ class TrainStep:
         return done
 
     def _bounded_commit(self, step_id, worker, v_read, gradients, values, y_pred, loss,
-                        updates, x, y, sw):
+                        updates, x, y, sw, slot_worker=None):
         counters = self.counters
         with tf.control_dependencies(_deps(gradients)):
             ticket = _fetch_and_increment(counters.tickets)
@@ -490,7 +510,7 @@ class TrainStep:
         gradients, updates = list(gradients), list(updates)
 
         def apply():
-            applied = self._apply(gradients, list(values), tau)
+            applied = self._apply(gradients, list(values), tau, slot_worker)
             deltas = self._metric_deltas(x, y, y_pred, loss, sw)
             return self._finish(step_id, applied, updates, deltas, tau)
 

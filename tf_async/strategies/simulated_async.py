@@ -36,6 +36,12 @@ staleness: ``max_staleness`` for ``"round_robin"``, ``max_staleness / 2`` for
 step; the gradient τ steps later is computed at that prediction, which is also
 the step's published ``w_read`` (one snapshot per step, as before).
 
+Worker: step t is simulated worker t mod M's (round robin: the worker that
+read τ = M − 1 updates ago; ``"random"``: the same index, τ drawn
+independently); it is published with τ (``staleness.current_worker()``), so an
+optimizer with per-worker state (DANA-Zero) updates that worker's buffer. Such
+an optimizer's ``num_workers`` must be M (checked when ``fit`` starts).
+
 Everything is graph code (no Python at step time), so ``jit_compile=True``
 works. ``staleness_mean`` and ``staleness_max`` (over the applied steps of the
 current epoch, like the parameter-server strategy) are added to the step's
@@ -183,6 +189,8 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
     def _tf_async_fit(self, model, original, *args, **kwargs):
         """Keras' own ``fit``; an ``on_nonfinite="raise"`` failure becomes a
         ``NonFiniteStepError`` instead of a TF assertion trace."""
+        staleness.check_worker_slots(
+            model.optimizer, self._num_workers, type(self).__name__)
         args, kwargs = self._with_epoch_callback(model, original, args, kwargs)
         try:
             return original(*args, **kwargs)
@@ -253,12 +261,14 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
         return tf.minimum(tau, step)
 
     def _stale_train_step(self, model: keras.Model, train_step):
+        staleness.check_worker_slots(model.optimizer, self._num_workers, type(self).__name__)
         state, keras_variables = self._state_for(model)
 
         @tf.autograph.experimental.do_not_convert
         def stale_train_step(*args, **kwargs):
             step = state.step.read_value()
             tau = self._draw_tau(step)
+            worker = tf.math.floormod(step, self._num_workers)  # whose gradient applies
             slots = tf.constant(state.slots, tf.int64)
             live_slot = tf.math.floormod(step, slots)
             stale_slot = tf.math.floormod(step - tau, slots)
@@ -301,7 +311,7 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
                 checks = []
                 if self._on_nonfinite == "raise":
                     checks.append(_nonfinite.assert_finite(
-                        finite, step, tf.math.floormod(step, self._num_workers)))
+                        finite, step, worker))
 
                 def apply():
                     method(*method_args, **method_kwargs)
@@ -317,7 +327,8 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
                     restore()
                     publishing.append(True)
                     try:
-                        with staleness.publish(tau, keras_variables, stale_values):
+                        with staleness.publish(tau, keras_variables, stale_values,
+                                               worker=worker):
                             return guarded(name, method_args, method_kwargs, method)
                     finally:
                         publishing.pop()

@@ -1,0 +1,179 @@
+"""DANA-Zero under AsyncParameterServerStrategy.fit (slow; each test in a fresh
+process): one worker equals the NumPy reference (default horizon 0: Keras
+momentum SGD / Adam; horizon 1: the gradient at w + μ·Σ_j m^j); two workers
+(two parameter servers) fill both buffers, colocated with their variables,
+keep S = Σ_j m^j, and iterations / the global step are exact (fully
+asynchronous with steps_per_execution, and under SSP); a
+num_workers that is not the cluster's is rejected when fit starts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+BATCH, STEPS = 4, 10
+LR_SGD, MU = 0.05, 0.9
+LR_ADAM, B1, B2, EPS = 0.02, 0.9, 0.999, 1e-7
+
+
+def _data(steps=STEPS):
+    rng = np.random.RandomState(0)
+    return (rng.randn(steps * BATCH, 3).astype("float32"),
+            rng.randn(steps * BATCH, 2).astype("float32"))
+
+
+def _init():
+    rng = np.random.RandomState(1)
+    return [rng.randn(3, 2).astype("float32"), rng.randn(2).astype("float32")]
+
+
+def _np_one_worker(kind, look_ahead):
+    """τ = 0, one worker: the gradient at the look-ahead of this very step."""
+    x, y = _data()
+    params = [p.astype(np.float64) for p in _init()]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    for t in range(STEPS):
+        alpha = LR_ADAM * np.sqrt(1 - B2 ** (t + 1)) / (1 - B1 ** (t + 1))
+        if not look_ahead:
+            read = params
+        elif kind == "sgd":
+            read = [p + MU * b for p, b in zip(params, m)]
+        else:
+            read = [p - alpha * B1 * b / (np.sqrt(s) + EPS) for p, b, s in zip(params, m, v)]
+        xb, yb = x[t * BATCH:(t + 1) * BATCH], y[t * BATCH:(t + 1) * BATCH]
+        err = xb @ read[0] + read[1] - yb
+        scale = 2.0 / err.size
+        grads = [scale * xb.T @ err, scale * err.sum(0)]
+        for i, g in enumerate(grads):
+            if kind == "sgd":
+                m[i] = MU * m[i] - LR_SGD * g
+                params[i] = params[i] + m[i]
+            else:
+                m[i] = m[i] + (g - m[i]) * (1 - B1)
+                v[i] = v[i] + (g * g - v[i]) * (1 - B2)
+                params[i] = params[i] - alpha * m[i] / (np.sqrt(v[i]) + EPS)
+    return params
+
+
+def _make(kind, workers):
+    from tf_async.keras_optimizers import DanaZeroAdam, DanaZeroSGD
+
+    if kind == "sgd":
+        return DanaZeroSGD(LR_SGD, momentum=MU, num_workers=workers)
+    return DanaZeroAdam(LR_ADAM, beta_1=B1, beta_2=B2, epsilon=EPS, num_workers=workers)
+
+
+def _model(strategy, optimizer_fn, hidden=False, **compile_kwargs):
+    import keras
+
+    with strategy.scope():
+        if hidden:  # four variables: spread over two parameter servers
+            model = keras.Sequential(
+                [keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+        else:
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+            model.set_weights(_init())
+        model.compile(optimizer_fn(), "mse", **compile_kwargs)
+    return model
+
+
+def _child_one_worker():
+    import tensorflow as tf
+
+    import tf_async
+
+    x, y = _data()
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+    strategy = tf_async.strategies.AsyncParameterServerStrategy(
+        tf_async.local_cluster(workers=1, ps=1))
+    out = {}
+    for horizon in (None, 1.0):
+        strategy.look_ahead_horizon = horizon
+        for kind in ("sgd", "adam"):
+            model = _model(strategy, lambda: _make(kind, 1))
+            model.fit(data.repeat(), epochs=1, steps_per_epoch=STEPS, verbose=0)
+            out[kind, horizon] = [w.tolist() for w in model.get_weights()]
+            out[kind, horizon, "iterations"] = int(model.optimizer.iterations.numpy())
+    model = _model(strategy, lambda: _make("sgd", 2))
+    try:
+        model.fit(data.repeat(), epochs=1, steps_per_epoch=2, verbose=0)
+    except ValueError as error:
+        out["mismatch"] = str(error)
+    return out
+
+
+@pytest.mark.slow
+def test_one_worker_equals_numpy_reference(fresh_process):
+    r = fresh_process(_child_one_worker, timeout=900)
+    for kind in ("sgd", "adam"):
+        for horizon, look_ahead in ((None, False), (1.0, True)):
+            want = _np_one_worker(kind, look_ahead)
+            for got, w in zip(r[kind, horizon], want):
+                np.testing.assert_allclose(np.array(got), w, rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{kind} horizon {horizon}")
+            assert r[kind, horizon, "iterations"] == STEPS
+        # the look-ahead matters: the two references are ≥ 10× the tolerance apart
+        assert np.abs(_np_one_worker(kind, True)[0] - _np_one_worker(kind, False)[0]).max() > 1e-4
+    message = r["mismatch"]
+    assert "num_workers=2" in message and "AsyncParameterServerStrategy has 1 workers" in message
+
+
+def _child_two_workers(max_staleness):
+    import numpy as np
+    import tensorflow as tf
+
+    import tf_async
+    from tf_async.keras_optimizers import GapAware
+
+    steps = 40
+    x, y = _data(steps)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+    strategy = tf_async.strategies.AsyncParameterServerStrategy(
+        tf_async.local_cluster(workers=2, ps=2), max_staleness=max_staleness)
+    out = {}
+    runs = {"sgd": (lambda: _make("sgd", 2), 1),
+            "gap_aware_adam": (lambda: GapAware(_make("adam", 2)), 4)}
+    for key, (make, per_call) in runs.items():
+        model = _model(strategy, make, steps_per_execution=per_call, hidden=True)
+        history = model.fit(data, epochs=2, steps_per_epoch=steps // 2, verbose=0)
+        optimizer = model.optimizer
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        rows = [np.asarray(s.numpy()) for s in inner.worker_momentums]
+        sums = [np.asarray(s.numpy()) for s in inner.momentum_sums]
+        out[key] = {
+            "iterations": int(optimizer.iterations.numpy()),
+            "version": strategy.global_version,
+            "global_step": (int(inner.global_step.numpy())
+                            if hasattr(inner, "global_step") else None),
+            "row_norms": [[float(np.abs(r[k]).sum()) for k in range(2)] for r in rows],
+            "sum_error": max(float(np.abs(r.sum(0) - s).max()) for r, s in zip(rows, sums)),
+            "finite": all(bool(np.all(np.isfinite(w))) for w in model.get_weights()),
+            "tau_max": history.history["staleness_max"],
+            # each buffer slot and sum lives on its variable's parameter server
+            "devices": [(v.value.device, w.value.device, t.value.device) for v, w, t in
+                        zip(model.trainable_variables, inner.worker_momentums,
+                            inner.momentum_sums)],
+        }
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_staleness", [None, 1], ids=["async", "ssp1"])
+def test_two_workers_fill_both_buffers_and_count_exactly(fresh_process, max_staleness):
+    r = fresh_process(_child_two_workers, max_staleness, timeout=900)
+    for key, result in r.items():
+        assert result["iterations"] == 40, (key, result)
+        assert result["version"] == 40, (key, result)
+        if key == "gap_aware_adam":
+            assert result["global_step"] == 40, result
+        assert result["finite"], (key, result)
+        # both workers' steps reached the PS with their own index
+        for norms in result["row_norms"]:
+            assert min(norms) > 0, (key, result)
+        assert result["sum_error"] < 1e-5, (key, result)
+        if max_staleness is not None:
+            assert max(result["tau_max"]) <= max_staleness, (key, result)
+        assert len({d[0] for d in result["devices"]}) == 2, result["devices"]
+        for variable, slot, total in result["devices"]:
+            assert variable == slot == total, result["devices"]
