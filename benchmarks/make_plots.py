@@ -2,10 +2,13 @@
 
 1. ``loss_vs_step.png`` — training loss vs step on real handwritten digits
    (scikit-learn's bundled set) for synchronous SGD-momentum, simulated
-   asynchronous SGD-momentum with M = 16 workers (τ = 15, the deterministic
+   asynchronous SGD-momentum with M = 32 workers (τ = 31, the deterministic
    ``SimulatedAsyncStrategy``) and the same with the recommended
-   ``GapAware(DanaSGD)``, plus sync Adam, async Adam and ``GapAware(DanaAdam)``
-   at M = 16 (learning rates: the sync-best of ``staleness_quality.py``).
+   ``GapAware(DanaZeroSGD)``, plus sync Adam, async Adam and
+   ``GapAware(DanaZeroAdam)`` at M = 32 (learning rates: the sync-best of
+   ``staleness_quality.py`` for sync and the plain async base, the rate
+   ``staleness_quality.py --quick`` chose on validation for the recommended
+   method at M = 32).
 2. ``straggler_throughput.png`` — steps/s of asynchronous ``model.fit`` (also with
    ``steps_per_execution=8``), the raw
    ClusterCoordinator hand loop and bulk-synchronous rounds with one 4x-slow
@@ -33,8 +36,12 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "examples"))
 OUT = os.path.join(REPO, "docs", "images")
 
-# Sync-best learning rates of benchmarks/staleness_quality.py (validation grid).
-SGD_LR, MOMENTUM, ADAM_LR = 0.1, 0.9, 1e-3
+# Sync-best learning rates of benchmarks/staleness_quality.py (validation grid,
+# mlp task), and the rates its --quick run (2026-12-04) chose on validation for
+# GapAware(DanaZeroSGD) / GapAware(DanaZeroAdam) at M = 32.
+SGD_LR, MOMENTUM, ADAM_LR = 0.1, 0.9, 3e-3
+DANA_ZERO_SGD_LR, DANA_ZERO_ADAM_LR = 0.3, 9e-3
+WORKERS = 32
 
 
 def _loss_curve(kind: str, workers: int, steps: int, every: int, lr: float):
@@ -42,7 +49,7 @@ def _loss_curve(kind: str, workers: int, steps: int, every: int, lr: float):
     import tensorflow as tf
 
     import example_data
-    from tf_async.keras_optimizers import DanaAdam, DanaSGD, GapAware
+    from tf_async.keras_optimizers import DanaZeroAdam, DanaZeroSGD, GapAware
     from tf_async.strategies import SimulatedAsyncStrategy
 
     x_train, y_train, _, _, _ = example_data.load_digits()
@@ -51,9 +58,10 @@ def _loss_curve(kind: str, workers: int, steps: int, every: int, lr: float):
                 else tf.distribute.OneDeviceStrategy("/cpu:0"))
     optimizers = {
         "sgdm": lambda: keras.optimizers.SGD(lr, momentum=MOMENTUM),
-        "ga_dana_sgd": lambda: GapAware(DanaSGD(lr, momentum=MOMENTUM)),
+        "ga_dana_zero_sgd": lambda: GapAware(
+            DanaZeroSGD(lr, momentum=MOMENTUM, num_workers=workers)),
         "adam": lambda: keras.optimizers.Adam(lr),
-        "ga_dana_adam": lambda: GapAware(DanaAdam(lr)),
+        "ga_dana_zero_adam": lambda: GapAware(DanaZeroAdam(lr, num_workers=workers)),
     }
     with strategy.scope():
         model = keras.Sequential([
@@ -86,11 +94,13 @@ def plot_loss(steps: int) -> str:
     every = 10
     runs = [
         ("sync SGD-momentum", "sgdm", 1, SGD_LR, "black", "-"),
-        ("async M=16 SGD-momentum", "sgdm", 16, SGD_LR, "tab:red", "-"),
-        ("async M=16 GapAware(DanaSGD)", "ga_dana_sgd", 16, SGD_LR, "tab:green", "-"),
+        (f"async M={WORKERS} SGD-momentum", "sgdm", WORKERS, SGD_LR, "tab:red", "-"),
+        (f"async M={WORKERS} GapAware(DanaZeroSGD)", "ga_dana_zero_sgd", WORKERS,
+         DANA_ZERO_SGD_LR, "tab:green", "-"),
         ("sync Adam", "adam", 1, ADAM_LR, "grey", "--"),
-        ("async M=16 Adam", "adam", 16, ADAM_LR, "tab:blue", "--"),
-        ("async M=16 GapAware(DanaAdam)", "ga_dana_adam", 16, ADAM_LR, "tab:purple", "--"),
+        (f"async M={WORKERS} Adam", "adam", WORKERS, ADAM_LR, "tab:blue", "--"),
+        (f"async M={WORKERS} GapAware(DanaZeroAdam)", "ga_dana_zero_adam", WORKERS,
+         DANA_ZERO_ADAM_LR, "tab:purple", "--"),
     ]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, kind, workers, lr, color, style in runs:
@@ -100,7 +110,8 @@ def plot_loss(steps: int) -> str:
     ax.set_xlabel("step")
     ax.set_ylabel(f"training loss (mean over {every}-step windows)")
     ax.set_yscale("log")
-    ax.set_title("Digits MLP: staleness τ = 15 (simulated 16 workers), Gap-Aware + DANA")
+    ax.set_title(f"Digits MLP: staleness τ = {WORKERS - 1} (simulated {WORKERS} workers), "
+                 "Gap-Aware + DANA-Zero")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
