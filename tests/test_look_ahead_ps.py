@@ -2,7 +2,9 @@
 one worker (τ = 0) and look_ahead_horizon = 2, each step's gradient is taken
 at w + 2·μ·m (NumPy reference), also under GapAware (the gap is measured from
 the prediction); with the default horizon (num_workers − 1 = 0) DanaSGD
-equals Keras SGD."""
+equals Keras SGD. On two parameter servers with a ``variable_partitioner``
+the look-ahead also covers a table read by rows (split over both) and a
+sharded dense kernel."""
 
 from __future__ import annotations
 
@@ -92,3 +94,66 @@ def test_ps_step_computes_gradient_at_prediction(fresh_process):
             np.testing.assert_allclose(np.array(got), w, rtol=1e-5, atol=1e-6, err_msg=key)
     assert np.abs(expected["2.0"][0] - expected["None"][0]).max() > 1e-3
     assert np.abs(expected["gap_aware"][0] - expected["2.0"][0]).max() > 1e-3
+
+
+ROWS, IDS, DIM, TABLE_STEPS, TABLE_LR = 40, 8, 4, 6, 0.2
+
+
+def _table_data():
+    rng = np.random.RandomState(2)
+    x = rng.randint(0, ROWS, size=(32, IDS)).astype("int32")
+    return x, rng.randn(32, 1).astype("float32")
+
+
+def _table_init():
+    rng = np.random.RandomState(3)
+    return [rng.randn(ROWS, DIM).astype("float32"), rng.randn(DIM, 1).astype("float32"),
+            rng.randn(1).astype("float32")]
+
+
+def _np_dana_table(horizon):
+    from tests.test_embedding_step import _np_dana_table as reference
+
+    x, y = _table_data()
+    return reference(_table_init(), x, y, TABLE_STEPS, TABLE_LR, MU, horizon)
+
+
+def _child_split():
+    import keras
+    import tensorflow as tf
+
+    import tf_async
+    from tf_async.keras_optimizers import DanaSGD
+
+    x, y = _table_data()
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x)).repeat()
+    strategy = tf_async.strategies.AsyncParameterServerStrategy(
+        tf_async.local_cluster(workers=1, ps=2),
+        variable_partitioner=tf.distribute.experimental.partitioners.FixedShardsPartitioner(2))
+    out = {}
+    for horizon in (0.0, 2.0):
+        strategy.look_ahead_horizon = horizon
+        with strategy.scope():
+            inputs = keras.Input((IDS,), dtype="int32")
+            h = keras.layers.Embedding(ROWS, DIM, name="table")(inputs)
+            h = keras.layers.GlobalAveragePooling1D()(h)
+            model = keras.Model(inputs, keras.layers.Dense(1, name="out")(h))
+            model.set_weights(_table_init())
+            model.compile(DanaSGD(TABLE_LR, MU), "mse")
+        model.fit(data, epochs=1, steps_per_epoch=TABLE_STEPS, verbose=0)
+        out[horizon] = [w.tolist() for w in model.get_weights()]
+        out["shards"] = [len(getattr(v.value, "variables", [v])) for v in model.trainable_variables]
+    return out
+
+
+@pytest.mark.slow
+def test_look_ahead_covers_split_tables_and_sharded_variables(fresh_process):
+    r = fresh_process(_child_split, timeout=600)
+    assert r["shards"] == [2, 2, 1], r["shards"]  # table and kernel split, bias not
+    for horizon in (0.0, 2.0):
+        want = _np_dana_table(horizon)
+        for got, w in zip(r[horizon], want):
+            np.testing.assert_allclose(np.array(got), w, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"horizon {horizon}")
+    assert np.abs(_np_dana_table(2.0)[0] - _np_dana_table(0.0)[0]).max() > 1e-3
+

@@ -8,9 +8,10 @@ Per step, on a worker (all state lives on the parameter servers):
    read once), forward + backward pass on that snapshot (Keras
    ``StatelessScope``), so the gradient is exactly ∇L(w_read); with a
    weight-predicting optimizer (DANA look-ahead, ``staleness.predicts_weights``)
-   the snapshot of each dense, unsharded variable is the optimizer's prediction
-   ``h`` updates ahead, made where the read ran (tables and sharded variables
-   are used as read);
+   the snapshot is the optimizer's prediction ``h`` updates ahead: for a
+   dense, unsharded variable made where the read ran, for a sharded one on
+   the worker after its shards arrive, for a table read by rows on the rows
+   read (the optimizer's slot rows at the same ids);
    an optimizer with per-worker state (DANA-Zero, ``staleness.worker_slots``)
    also gets the worker's index, sent with the step id in the fused transfer
    and published with τ (``staleness.current_worker()``);
@@ -224,16 +225,30 @@ class TrainStep:
         dense = [i for i, v in enumerate(trainable) if id(v) not in tables]
         dense_values = [values[i] for i in dense]
 
+        predicting = []  # non-empty while the optimizer predicts a table's rows
+
         def guard(variable):
-            if id(variable) in tables:
+            # The optimizer's slot lookup resolves the table's Keras variable
+            # (``_get_variable_index`` -> ``.value``): not a read of it.
+            if id(variable) in tables and not predicting:
                 raise RuntimeError(
                     f"tf_async: table {variable.path} was read whole inside the "
                     "step although the probe found only row lookups (a bug)."
                 )
 
+        predict = self._predictor()
+        predict_rows = None
+        if predict is not None:
+            def predict_rows(table, rows, ids):
+                predicting.append(True)
+                try:
+                    return predict(table, rows, ids=ids)
+                finally:
+                    predicting.pop()
+
         with tf.GradientTape() as tape:
             tape.watch(dense_values)
-            table_rows = _table_rows.StepRows(tables, tape, after)
+            table_rows = _table_rows.StepRows(tables, tape, after, predict=predict_rows)
             mapping = [(trainable[i], values[i]) for i in dense]
             with _keras_fit.embedding_lookup(table_rows.lookup), \
                     _keras_fit.VariableReadScope(mapping, on_read=guard) as scope:
@@ -256,6 +271,19 @@ class TrainStep:
         updates = [new_non_trainable[i] for i in self._updated_non_trainable]
         return gradients, y_pred, loss, updates, row_reads
 
+    def _predictor(self):
+        """``predict(variable, value, ids=None)``: the optimizer's look-ahead
+        ``look_ahead_horizon`` updates ahead, or None (no horizon, or an
+        optimizer that does not predict weights)."""
+        optimizer, horizon = self.model.optimizer, self.look_ahead_horizon
+        if not (horizon > 0 and staleness.predicts_weights(optimizer)):
+            return None
+
+        def predict(variable, value, ids=None):
+            return staleness.predicted_read(optimizer, variable, value, horizon, ids=ids)
+
+        return predict
+
     def _read_variables(self, x, y, sample_weight, after=()):
         """One snapshot of every trainable variable (each read once), fused
         into one transfer per parameter server (:mod:`_fused_transfer`);
@@ -268,9 +296,7 @@ class TrainStep:
         DC-ASGD, cost no transfer back). The reads run after the ops ``after``.
         """
         tables = self._tables(x, y, sample_weight)
-        optimizer = self.model.optimizer
-        horizon = self.look_ahead_horizon
-        predicting = horizon > 0 and staleness.predicts_weights(optimizer)
+        predict = self._predictor()
         reads, shard_counts = [], []
         # Only the reads wait for ``after``: a control edge into the worker's
         # part of the graph would cost one more cross-device message.
@@ -284,16 +310,16 @@ class TrainStep:
                 for part in parts:
                     with tf.device(part.device):
                         read = part.read_value()
-                        if predicting and len(parts) == 1:
+                        if predict is not None and len(parts) == 1:
                             # DANA look-ahead, where the read ran: the step's
                             # snapshot is the optimizer's prediction.
-                            read = staleness.predicted_read(optimizer, variable, read, horizon)
+                            read = predict(variable, read)
                         reads.append(read)
                 shard_counts.append(len(parts))
         received = _fused_transfer.send(reads, [None] * len(reads))
         values, commit_values = [], []
         first = 0
-        for count in shard_counts:
+        for index, count in enumerate(shard_counts):
             if count == 0:  # a table: rows read in the forward pass
                 values.append(None)
                 commit_values.append(None)
@@ -301,8 +327,11 @@ class TrainStep:
                 values.append(received[first])
                 commit_values.append(reads[first])
             else:  # a ShardedVariable: its shards concatenated on the worker
-                values.append(tf.concat(received[first:first + count], axis=0))
-                commit_values.append(values[-1])
+                value = tf.concat(received[first:first + count], axis=0)
+                if predict is not None:  # the look-ahead of the whole variable
+                    value = predict(self.model.trainable_variables[index], value)
+                values.append(value)
+                commit_values.append(value)
             first += count
         return commit_values, values
 

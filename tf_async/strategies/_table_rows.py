@@ -10,7 +10,9 @@ the step reads them there: each ``Embedding.call`` of a table (the seam in
 2. deduplicates them on the worker (``tf.unique``),
 3. gathers those rows on the parameter server(s) holding the table, after the
    step's version read (like every other snapshot read; ``_rows.gather``),
-4. looks the batch up in the rows received (``tf.gather`` on the worker).
+4. looks the batch up in the rows received (``tf.gather`` on the worker);
+   with a weight-predicting optimizer (DANA look-ahead) the rows used are the
+   optimizer's prediction of those rows (its slot rows gathered the same way).
 
 The gradient of the rows read goes back as ``tf.IndexedSlices(rows' gradient,
 unique ids, table shape)`` and the rows read are the table's ``w_read``
@@ -102,8 +104,13 @@ class StepRows:
     ``IndexedSlices`` gradient and rows read.
     """
 
-    def __init__(self, tables: Dict[int, object], tape: tf.GradientTape, after=()):
+    def __init__(self, tables: Dict[int, object], tape: tf.GradientTape, after=(),
+                 predict=None):
+        """``predict(table, rows, ids)``, if given, replaces the rows read by
+        the optimizer's look-ahead of them (DANA; ``staleness.predicted_read``):
+        the forward pass, the gradient and the published ``w_read`` use it."""
         self._tables = tables
+        self._predict = predict
         # The backing tf.Variables, resolved outside any StatelessScope.
         self._raw = {key: _keras_fit.raw_variable(t) for key, t in tables.items()}
         self._tape = tape
@@ -123,6 +130,8 @@ class StepRows:
         unique, position = tf.unique(tf.reshape(ids, [-1]))
         with tf.control_dependencies(self._after):
             rows = _rows.gather(self._raw[key], unique)
+            if self._predict is not None:
+                rows = self._predict(table, rows, unique)
         self._tape.watch(rows)
         self._reads.setdefault(key, []).append(_Read(unique, rows))
         outputs = tf.gather(rows, position)
