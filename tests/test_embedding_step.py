@@ -103,8 +103,10 @@ class _Local:
             lambda i, x, y: self.step.replica_fn(i, (x, y)))
         self.calls = 0
 
-    def run(self, x, y):
-        self.function(tf.constant(self.calls, tf.int64), tf.constant(x), tf.constant(y))
+    def run(self, x, y, step_id=None):
+        """One step; its id is the call count unless ``step_id`` is given."""
+        step_id = self.calls if step_id is None else step_id
+        self.function(tf.constant(step_id, tf.int64), tf.constant(x), tf.constant(y))
         self.calls += 1
 
     def graph(self, x, y):

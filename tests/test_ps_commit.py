@@ -4,8 +4,9 @@ A fresh, finite step applies once; a step whose id is already marked done (a
 closure the coordinator retried after its first attempt committed on the
 parameter server) changes nothing; a fresh non-finite step is skipped, counted
 once and marked done. Run without a cluster: ``TrainStep.replica_fn`` traced
-and run under the default strategy (its "PS" is the local device, the graph
-is the step's), for the fully asynchronous commit and the SSP one.
+and run under the default strategy (``_Local`` of test_embedding_step; its
+"PS" is the local device, the graph is the step's), for the fully
+asynchronous commit and the SSP one.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from tf_async import _keras_fit
+from tests.test_embedding_step import _Local
 
 
 def _model():
@@ -24,19 +24,14 @@ def _model():
 
 class _Step:
     def __init__(self, max_staleness):
-        from tf_async.strategies._ps_train_step import PSCounters, TrainStep
-
         keras.utils.set_random_seed(0)
         self.model = _model()
         self.model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-        _keras_fit.install_atomic_assign_add()
-        self.model.optimizer.build(self.model.trainable_variables)
-        self.counters = PSCounters(tf.distribute.get_strategy())
-        step = TrainStep(self.model, self.counters, max_staleness=max_staleness)
-        self._function = tf.function(lambda i, x, y: step.replica_fn(i, (x, y)))
+        self._local = _Local(self.model, max_staleness)
+        self.counters = self._local.counters
 
     def run(self, step_id, x, y):
-        self._function(tf.constant(step_id, tf.int64), tf.constant(x), tf.constant(y))
+        self._local.run(x, y, step_id=step_id)
 
     def state(self):
         return {
