@@ -16,20 +16,19 @@ from tf_async import staleness
 from tf_async.keras_optimizers import DanaZeroAdam, DanaZeroSGD, GapAware
 from tf_async.strategies import SimulatedAsyncStrategy
 
+from tests import _linear_problem
+
 BATCH, STEPS, M = 4, 12, 3
 LR_SGD, MU = 0.05, 0.9
 LR_ADAM, B1, B2, EPS = 0.02, 0.9, 0.999, 1e-7
 
 
 def _data():
-    rng = np.random.RandomState(0)
-    return (rng.randn(STEPS * BATCH, 3).astype("float32"),
-            rng.randn(STEPS * BATCH, 2).astype("float32"))
+    return _linear_problem.data(STEPS, BATCH)
 
 
 def _init():
-    rng = np.random.RandomState(1)
-    return [rng.randn(3, 2).astype("float32"), rng.randn(2).astype("float32")]
+    return _linear_problem.init()
 
 
 def _grads(params, t):

@@ -11,20 +11,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests import _linear_problem
+
 BATCH, STEPS = 4, 10
 LR_SGD, MU = 0.05, 0.9
 LR_ADAM, B1, B2, EPS = 0.02, 0.9, 0.999, 1e-7
 
 
 def _data(steps=STEPS):
-    rng = np.random.RandomState(0)
-    return (rng.randn(steps * BATCH, 3).astype("float32"),
-            rng.randn(steps * BATCH, 2).astype("float32"))
+    return _linear_problem.data(steps, BATCH)
 
 
 def _init():
-    rng = np.random.RandomState(1)
-    return [rng.randn(3, 2).astype("float32"), rng.randn(2).astype("float32")]
+    return _linear_problem.init()
 
 
 def _np_one_worker(kind, look_ahead):

@@ -13,6 +13,8 @@ from tf_async import staleness
 from tf_async.keras_optimizers import DanaAdam, DanaSGD, GapAware
 from tf_async.strategies import SimulatedAsyncStrategy
 
+from tests import _linear_problem
+
 BATCH, STEPS, LR, MU = 4, 12, 0.05, 0.9
 
 PAIRS = {
@@ -73,14 +75,11 @@ def test_predictions_match_numpy_formulas():
 
 
 def _data():
-    rng = np.random.RandomState(0)
-    return (rng.randn(STEPS * BATCH, 3).astype("float32"),
-            rng.randn(STEPS * BATCH, 2).astype("float32"))
+    return _linear_problem.data(STEPS, BATCH)
 
 
 def _init():
-    rng = np.random.RandomState(1)
-    return [rng.randn(3, 2).astype("float32"), rng.randn(2).astype("float32")]
+    return _linear_problem.init()
 
 
 def _fit(strategy, make, jit_compile=False, epochs=1):

@@ -11,18 +11,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests import _linear_problem
+
 BATCH, STEPS, LR, MU = 4, 10, 0.05, 0.9
 
 
 def _data():
-    rng = np.random.RandomState(0)
-    return (rng.randn(STEPS * BATCH, 3).astype("float32"),
-            rng.randn(STEPS * BATCH, 2).astype("float32"))
+    return _linear_problem.data(STEPS, BATCH)
 
 
 def _init():
-    rng = np.random.RandomState(1)
-    return [rng.randn(3, 2).astype("float32"), rng.randn(2).astype("float32")]
+    return _linear_problem.init()
 
 
 def _np_dana(horizon, gap_aware_beta=None):
