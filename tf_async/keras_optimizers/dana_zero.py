@@ -71,6 +71,7 @@ from tf_async.keras_optimizers._arguments import (
     check_unit_interval,
 )
 from tf_async.keras_optimizers._exact_step import ExactGlobalStep
+from tf_async.keras_optimizers.lazy import adam_alpha
 
 __all__ = ["DanaZeroSGD", "DanaZeroAdam", "check_num_workers"]
 
@@ -240,17 +241,10 @@ class DanaZeroAdam(ExactGlobalStep, _WorkerMomenta, keras.optimizers.Optimizer):
         self._velocities = self.add_optimizer_variables(var_list, "velocity")
         self._build_global_step()
 
-    def _alpha(self, dtype, learning_rate, step):
-        lr = ops.cast(learning_rate, dtype)
-        local_step = ops.cast(step, dtype)
-        beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
-        beta_2_power = ops.power(ops.cast(self.beta_2, dtype), local_step)
-        return lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-
     def _update_step_at(self, gradient, variable, learning_rate, step):
         """Keras Adam's arithmetic with worker i's first moment (row i)."""
         gradient = _dense(gradient, variable)
-        alpha = self._alpha(variable.dtype, learning_rate, step)
+        alpha = adam_alpha(self, variable.dtype, learning_rate, step)
         slot, worker, m = self._worker_row(variable)
         v = self._velocities[self._get_variable_index(variable)]
         new = ops.add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
@@ -264,7 +258,7 @@ class DanaZeroAdam(ExactGlobalStep, _WorkerMomenta, keras.optimizers.Optimizer):
         del horizon  # Σ_j covers every pending worker
         dtype = value.dtype
         step = _keras_fit.raw_variable(self._global_step).read_value() + 1
-        alpha = self._alpha(dtype, self.learning_rate, step)
+        alpha = adam_alpha(self, dtype, self.learning_rate, step)
         v = self._velocities[self._get_variable_index(variable)]
         v = (tf.convert_to_tensor(_keras_fit.raw_variable(v)) if ids is None
              else _sparse_rows.gather(v, ids))

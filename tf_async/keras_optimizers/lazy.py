@@ -71,7 +71,9 @@ def decay(optimizer, variable, learning_rate, ids=None) -> None:
         _sparse_rows.scatter_sub(variable, ids, _sparse_rows.gather(variable, ids) * wd * lr)
 
 
-def _adam_alpha(optimizer, dtype, learning_rate, step):
+def adam_alpha(optimizer, dtype, learning_rate, step):
+    """Keras Adam's step size at bias-correction step ``step``:
+    lr·√(1 − β2^t)/(1 − β1^t) (``optimizer.beta_1``, ``optimizer.beta_2``)."""
     lr = tf.cast(learning_rate, dtype)
     local_step = tf.cast(step, dtype)
     beta_1_power = tf.pow(tf.cast(optimizer.beta_1, dtype), local_step)
@@ -83,7 +85,7 @@ def adam_dense(optimizer, gradient, variable, learning_rate, step) -> None:
     """Keras Adam's ``update_step`` at bias-correction step ``step``."""
     dtype = variable.dtype
     gradient = tf.cast(gradient, dtype)
-    alpha = _adam_alpha(optimizer, dtype, learning_rate, step)
+    alpha = adam_alpha(optimizer, dtype, learning_rate, step)
     index = optimizer._get_variable_index(variable)
     m = optimizer._momentums[index]
     v = optimizer._velocities[index]
@@ -107,7 +109,7 @@ def adam_rows(optimizer, ids, gradient_rows, variable, learning_rate, step) -> N
     """
     dtype = variable.dtype
     g = tf.cast(gradient_rows, dtype)
-    alpha = _adam_alpha(optimizer, dtype, learning_rate, step)
+    alpha = adam_alpha(optimizer, dtype, learning_rate, step)
     index = optimizer._get_variable_index(variable)
     m = optimizer._momentums[index]
     v = optimizer._velocities[index]
