@@ -473,10 +473,7 @@ class ShardedAdam(keras.optimizers.Adam):
         pieces = tf.split(ops.cast(gradient, dtype), sizes, axis=0)
         lr = ops.cast(learning_rate, dtype)
         decay = self.weight_decay is not None and _keras_fit.uses_weight_decay(self, variable)
-        local_step = ops.cast(self.iterations + 1, dtype)
-        beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
-        beta_2_power = ops.power(ops.cast(self.beta_2, dtype), local_step)
-        alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        alpha = lazy.adam_alpha(self, dtype, learning_rate, self.iterations + 1)
         for i, (shard, g) in enumerate(zip(shards, pieces)):
             m, v = slot_shards[0][i], slot_shards[1][i]
             with tf.device(shard.device):
@@ -661,10 +658,7 @@ class ShardedAdam(keras.optimizers.Adam):
             decayed = w - w * ops.cast(self.weight_decay, dtype) * lr
             w = decayed if decay is None else tf.where(decay, decayed, w)
 
-        local_step = ops.cast(self.iterations + 1, dtype)
-        beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
-        beta_2_power = ops.power(ops.cast(self.beta_2, dtype), local_step)
-        alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        alpha = lazy.adam_alpha(self, dtype, learning_rate, self.iterations + 1)
 
         m_var, v_var = group.slots["momentum"], group.slots["velocity"]
         m_old, v_old = m_var.read_value(), v_var.read_value()
