@@ -371,6 +371,23 @@ def install_trainer_dispatch() -> None:
         setattr(trainer, name, make())
 
 
+
+def fit_with_callback(original, args, kwargs, callback):
+    """``fit``'s ``(args, kwargs)`` with ``callback`` appended to its callbacks
+    (for a ``_tf_async_fit`` hook: ``original`` is the bound Keras ``fit``)."""
+    import inspect
+
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    callbacks = bound.arguments.get("callbacks")
+    if callbacks is None:
+        callbacks = [callback]
+    elif isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks.append(callback)
+    else:
+        callbacks = list(callbacks) + [callback]
+    bound.arguments["callbacks"] = callbacks
+    return bound.args, bound.kwargs
+
 # Set by AsyncParameterServerStrategy when it connects this process to a
 # cluster (``tf.config.experimental_connect_to_cluster``): TF then renames this
 # process's devices from ``/job:localhost`` to the chief's job, and cannot undo

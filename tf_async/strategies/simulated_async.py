@@ -204,19 +204,7 @@ class SimulatedAsyncStrategy(tf.distribute.OneDeviceStrategy):
     def _with_epoch_callback(self, model, original, args, kwargs):
         """``fit``'s arguments with a callback that starts each epoch's
         staleness statistics from zero."""
-        import inspect
-
-        bound = inspect.signature(original).bind(*args, **kwargs)
-        callbacks = bound.arguments.get("callbacks")
-        reset = _EpochStaleness(self, model)
-        if callbacks is None:
-            callbacks = [reset]
-        elif isinstance(callbacks, keras.callbacks.CallbackList):
-            callbacks.append(reset)
-        else:
-            callbacks = list(callbacks) + [reset]
-        bound.arguments["callbacks"] = callbacks
-        return bound.args, bound.kwargs
+        return _keras_fit.fit_with_callback(original, args, kwargs, _EpochStaleness(self, model))
 
     def reset_epoch_staleness(self, model) -> None:
         """Starts ``staleness_mean`` / ``staleness_max`` of ``model`` from zero."""
