@@ -215,6 +215,89 @@ def test_diloco_with_momentum_differs_from_mean(logical_devices):
     assert max(np.abs(a - b).max() for a, b in zip(*results)) > 1e-4
 
 
+def _traced_steps(strategy):
+    """Names of the step functions ``strategy.run`` is traced with (a list
+    that fills as ``fit`` runs)."""
+    traced = []
+    run = strategy.run
+
+    def counting_run(fn, *args, **kwargs):
+        if not tf.executing_eagerly():
+            traced.append(getattr(fn, "__name__", "?"))
+        return run(fn, *args, **kwargs)
+
+    strategy.run = counting_run
+    return traced
+
+
+def _fit_local(devices, make_model, build_ahead, **kwargs):
+    """Weights and traced steps after ``fit`` (2 epochs, one mid-period
+    evaluation); ``build_ahead=False``: the averaging state is built while
+    the first step is traced (how ``fit`` did it before it built it ahead)."""
+    x, y = _data()
+    strategy = _local(devices, sync_every=3, **kwargs)
+    if not build_ahead:
+        strategy._build_averaging_for = lambda model: None
+    traced = _traced_steps(strategy)
+    model = make_model(strategy)
+    model.fit(x, y, batch_size=BATCH * 2, epochs=2, shuffle=False, verbose=0,
+              validation_data=(x[:64], y[:64]))
+    return model.get_weights(), traced, strategy
+
+
+@pytest.mark.parametrize("kwargs, lazy_traces", [
+    (dict(averaging="mean"), 1),  # no averager state: never traced twice
+    (dict(averaging="easgd", alpha=0.2), 2),
+    (dict(averaging="diloco", average_optimizer_state=True), 2),
+], ids=["mean", "easgd", "diloco_averaged_state"])
+def test_fit_traces_the_train_step_once_with_the_same_result(
+        logical_devices, kwargs, lazy_traces):
+    """``fit`` builds the averager's centre / momentum before its first step:
+    created while that step was traced, they made tf.function trace it (and
+    with jit_compile, compile it) twice. Same weights as building them then."""
+    make = lambda s: _model(s, lambda: keras.optimizers.Adam(0.01))  # noqa: E731
+    ahead, traced, strategy = _fit_local(logical_devices[:2], make, True, **kwargs)
+    lazy, lazy_traced, _ = _fit_local(logical_devices[:2], make, False, **kwargs)
+    assert traced.count("train_step") == 1, traced
+    assert lazy_traced.count("train_step") == lazy_traces, lazy_traced
+    assert int(strategy.sync_count.numpy()) > 1
+    for a, b in zip(ahead, lazy):
+        np.testing.assert_array_equal(a, b)
+
+
+class _WithUnusedWeight(keras.layers.Layer):
+    """A dense layer with a trainable weight no loss depends on (no gradient)."""
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], 1), name="kernel")
+        self.unused = self.add_weight(shape=(3,), name="unused")
+
+    def call(self, x):
+        return x @ self.kernel
+
+
+def test_fit_with_a_weight_that_gets_no_gradient_averages_the_updated_ones(logical_devices):
+    """The group built ahead of ``fit`` (all trainable weights) is not the one
+    the step updates: it is dropped, the step's own group is built when traced,
+    and the result equals building it then."""
+
+    def make(strategy):
+        with strategy.scope():
+            keras.utils.set_random_seed(1)
+            model = keras.Sequential([keras.Input((8,)), _WithUnusedWeight()])
+            model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        return model
+
+    kwargs = dict(averaging="diloco")
+    ahead, traced, strategy = _fit_local(logical_devices[:2], make, True, **kwargs)
+    lazy, _, _ = _fit_local(logical_devices[:2], make, False, **kwargs)
+    (group,) = strategy._lu_runtime.groups.values()
+    assert [v.shape for v in group.params] == [(8, 1)]
+    assert len(strategy.state_variables()) == 3 + 2  # counters + one centre, one momentum
+    for a, b in zip(ahead, lazy):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_diloco_averager_is_keras_nesterov_sgd_on_the_outer_gradient():
     """DiLoCo's outer step (Douillard et al. 2023, Algorithm 1; PyTorch
     ``SGD(lr=0.7, momentum=0.9, nesterov=True)`` in their code) is Nesterov

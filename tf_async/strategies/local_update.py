@@ -61,6 +61,7 @@ from __future__ import annotations
 import weakref
 from typing import Dict, List, Optional, Tuple
 
+import keras
 import tensorflow as tf
 
 from tf_async import _keras_fit
@@ -96,6 +97,7 @@ class _SyncGroup:
         self.params = params
         self.slots = slots
         self.averager = averager
+        self.traced = False  # False while only built ahead of fit's first step
 
 
 class _Runtime:
@@ -111,6 +113,18 @@ class _Runtime:
         # replicas (id -> graph tensor, kept alive so ids stay unique):
         # ``reduce`` passes them through without a collective.
         self.worker_local_logs: Dict[int, tf.Tensor] = {}
+
+
+class _BuildAveraging(keras.callbacks.Callback):
+    """Builds a model's averaging state when ``fit`` begins (see ``_tf_async_fit``)."""
+
+    def __init__(self, strategy, model):
+        super().__init__()
+        self._strategy = strategy
+        self._target = model
+
+    def on_train_begin(self, logs=None):
+        self._strategy._build_averaging_for(self._target)
 
 
 class _LocalUpdateExtendedMixin(_keras_fit.LocalUpdateExtendedSeams):
@@ -244,6 +258,7 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
         self.outer_learning_rate = float(outer_learning_rate)
         self.outer_momentum = float(outer_momentum)
         self._lu_runtime = _Runtime()
+        _keras_fit.install_trainer_dispatch()  # for _tf_async_fit
         extended = self.extended
         extended.__class__ = _derived(
             _EXTENDED_CLASSES, _LocalUpdateExtendedMixin, type(extended)
@@ -313,6 +328,29 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
         if self._sync_function is None:
             self._sync_function = tf.function(self._flush_if_pending)
         self._sync_function()
+
+    def _tf_async_fit(self, model, original, *args, **kwargs):
+        """Keras' ``fit``, with the averaging state built before its first step.
+
+        The averager's centre (and DiLoCo's momentum) are variables; created
+        while the train step is traced, they make ``tf.function`` trace (and
+        with ``jit_compile`` compile) the step a second time. ``fit`` builds
+        them at ``on_train_begin`` instead: after Keras built the model and
+        the optimizer, and after callbacks such as ``BackupAndRestore`` (or a
+        ``checkpoint()`` restored before ``fit``) set the weights.
+        """
+        args, kwargs = _keras_fit.fit_with_callback(
+            original, args, kwargs, _BuildAveraging(self, model))
+        return original(*args, **kwargs)
+
+    def _build_averaging_for(self, model) -> None:
+        """The sync group of ``model``'s trainable variables, if all of them
+        were created in this strategy's scope (else it is built when traced)."""
+        runtime = self._lu_runtime
+        params = [_keras_fit.raw_variable(v) for v in model.trainable_variables]
+        local = {_keras_fit.variable_key(v) for v in runtime.trainable}
+        if params and all(_keras_fit.variable_key(v) in local for v in params):
+            self._group_for(params, traced=False)
 
     # ----------------------------------------------------- strategy hooks
 
@@ -408,9 +446,15 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
 
         return tf.nest.map_structure(local_mean, outputs)
 
-    def _group_for(self, params: List[tf.Variable]) -> _SyncGroup:
+    def _group_for(self, params: List[tf.Variable], traced: bool = True) -> _SyncGroup:
+        """The sync group of ``params`` (built on first use). ``traced``: asked
+        for by a train step being traced; a group built ahead of ``fit``
+        (``traced=False``) that no step turned out to update is dropped."""
         runtime = self._lu_runtime
         key = tuple(_keras_fit.variable_key(v) for v in params)
+        if traced and key not in runtime.groups:
+            for other in [k for k, g in runtime.groups.items() if not g.traced]:
+                del runtime.groups[other]
         if key not in runtime.groups:
             for v in params:
                 if v.dtype not in (tf.float32, tf.float16, tf.bfloat16):
@@ -438,7 +482,9 @@ class LocalUpdateStrategy(tf.distribute.Strategy):
             self._sync_function = None  # retrace `synchronize` for the new group
             if self._checkpoint_module is not None:  # deferred restoration
                 self._attach_checkpoint_state()
-        return runtime.groups[key]
+        group = runtime.groups[key]
+        group.traced = group.traced or traced
+        return group
 
     def _after_local_step(self, group: _SyncGroup) -> None:
         self.pending_steps.assign_add(1)
