@@ -5,7 +5,7 @@ momentum SGD / Adam; horizon 1: the gradient at w + μ·Σ_j m^j); two workers
 keep S = Σ_j m^j, and iterations / the global step are exact (fully
 asynchronous with steps_per_execution, and under SSP); a
 num_workers that is not the cluster's is rejected when fit starts. With a
-``variable_partitioner`` (kernel and bias split over two parameter servers)
+``variable_partitioner`` (the kernel split over two parameter servers)
 one worker still equals the reference at both horizons, every shard has its
 own ``[num_workers, *shard.shape]`` buffers on its server, and save/load
 restores them."""
@@ -146,7 +146,8 @@ def _child_partitioned():
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
     strategy = tf_async.strategies.AsyncParameterServerStrategy(
         tf_async.local_cluster(workers=1, ps=2),
-        variable_partitioner=tf.distribute.experimental.partitioners.FixedShardsPartitioner(2))
+        variable_partitioner=tf.distribute.experimental.partitioners.MinSizePartitioner(
+            min_shard_bytes=16, max_shards=2))
     out = {}
     for horizon in (None, 1.0):
         strategy.look_ahead_horizon = horizon
@@ -159,6 +160,8 @@ def _child_partitioned():
                 "variables": layout(model.trainable_variables),
                 "slots": [slot_layout(s) for s in optimizer.worker_momentums],
                 "sums": layout(optimizer.momentum_sums),
+                # Keras' own slots (Adam's v) too: shard by shard beside it
+                "keras_slots": layout(getattr(optimizer, "_velocities", [])),
             }
             out[kind, horizon, "sum_error"] = max(
                 float(np.abs(np.concatenate([np.asarray(p.numpy()) for p in
@@ -170,7 +173,11 @@ def _child_partitioned():
     model.save(path)
     with strategy.scope():
         loaded = keras.models.load_model(path)
-    out["loaded_layout"] = [slot_layout(s) for s in loaded.optimizer.worker_momentums]
+    out["loaded_layout"] = {
+        "variables": layout(loaded.trainable_variables),
+        "slots": [slot_layout(s) for s in loaded.optimizer.worker_momentums],
+        "sums": layout(loaded.optimizer.momentum_sums),
+    }
     out["loaded_state_error"] = max(
         float(np.abs(np.asarray(a.numpy()) - np.asarray(b.numpy())).max())
         for a, b in zip(model.optimizer.variables, loaded.optimizer.variables))
@@ -191,17 +198,22 @@ def test_partitioned_variables_have_per_shard_buffers(fresh_process):
             for got, w in zip(r[kind, horizon], want):
                 np.testing.assert_allclose(np.array(got), w, rtol=1e-5, atol=1e-6, err_msg=key)
             placed = r[kind, horizon, "layout"]
-            # kernel (3, 2) split 2 + 1 rows, bias (2,) 1 + 1, over both servers
+            # kernel (3, 2) split 2 + 1 rows over both servers, bias (2,) not
             assert [[s for _, s in v] for v in placed["variables"]] == [
-                [(2, 2), (1, 2)], [(1,), (1,)]], (key, placed)
+                [(2, 2), (1, 2)], [(2,)]], (key, placed)
+            assert len({d for d, _ in placed["variables"][0]}) == 2, (key, placed)
             for variable, slots, total in zip(placed["variables"], placed["slots"],
                                               placed["sums"]):
-                assert len({d for d, _ in variable}) == 2, (key, placed)
                 # per shard: [num_workers, *shard.shape], on the shard's server
                 assert slots == [(d, (1, *s)) for d, s in variable], (key, placed)
-                assert [s for _, s in total] == [s for _, s in variable], (key, placed)
+                assert total == variable, (key, placed)  # S: shard by shard beside it
+            if kind == "adam":
+                assert placed["keras_slots"] == placed["variables"], (key, placed)
             assert r[kind, horizon, "sum_error"] < 1e-6, key
-    assert r["loaded_layout"] == r["adam", 1.0, "layout"]["slots"], r["loaded_layout"]
+    loaded = r["loaded_layout"]
+    for variable, slots, total in zip(loaded["variables"], loaded["slots"], loaded["sums"]):
+        assert slots == [(d, (1, *s)) for d, s in variable], loaded
+        assert total == variable, loaded
     assert r["loaded_state_error"] == 0.0, r["loaded_state_error"]
     assert r["continued_error"] < 1e-6, r["continued_error"]
 
