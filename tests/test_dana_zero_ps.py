@@ -169,10 +169,11 @@ def _child_partitioned():
                              - np.asarray(t.numpy())).max())
                 for s, t in zip(optimizer.worker_momentums, optimizer.momentum_sums))
     # save/load of the last model (Adam, horizon 1): same state, same next steps
-    path = os.path.join(tempfile.mkdtemp(), "dana_zero.keras")
-    model.save(path)
-    with strategy.scope():
-        loaded = keras.models.load_model(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "dana_zero.keras")
+        model.save(path)
+        with strategy.scope():
+            loaded = keras.models.load_model(path)
     out["loaded_layout"] = {
         "variables": layout(loaded.trainable_variables),
         "slots": [slot_layout(s) for s in loaded.optimizer.worker_momentums],
