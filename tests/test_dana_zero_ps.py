@@ -4,7 +4,11 @@ momentum SGD / Adam; horizon 1: the gradient at w + μ·Σ_j m^j); two workers
 (two parameter servers) fill both buffers, colocated with their variables,
 keep S = Σ_j m^j, and iterations / the global step are exact (fully
 asynchronous with steps_per_execution, and under SSP); a
-num_workers that is not the cluster's is rejected when fit starts."""
+num_workers that is not the cluster's is rejected when fit starts. With a
+``variable_partitioner`` (the kernel split over two parameter servers)
+one worker still equals the reference at both horizons, every shard has its
+own ``[num_workers, *shard.shape]`` buffers on its server, and save/load
+restores them."""
 
 from __future__ import annotations
 
@@ -116,6 +120,103 @@ def test_one_worker_equals_numpy_reference(fresh_process):
         assert np.abs(_np_one_worker(kind, True)[0] - _np_one_worker(kind, False)[0]).max() > 1e-4
     message = r["mismatch"]
     assert "num_workers=2" in message and "AsyncParameterServerStrategy has 1 workers" in message
+
+
+def _child_partitioned():
+    import os
+    import tempfile
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import tf_async
+    from tf_async import _keras_fit
+
+    def layout(variables):
+        return [[(part.device, tuple(part.shape)) for part in
+                 (_keras_fit.variable_shards(v) or [_keras_fit.raw_variable(v)])]
+                for v in variables]
+
+    def slot_layout(slots):  # a list of per-shard slots, or one slot
+        return [pair for piece in layout(slots if isinstance(slots, list) else [slots])
+                for pair in piece]
+
+    x, y = _data()
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+    strategy = tf_async.strategies.AsyncParameterServerStrategy(
+        tf_async.local_cluster(workers=1, ps=2),
+        variable_partitioner=tf.distribute.experimental.partitioners.MinSizePartitioner(
+            min_shard_bytes=16, max_shards=2))
+    out = {}
+    for horizon in (None, 1.0):
+        strategy.look_ahead_horizon = horizon
+        for kind in ("sgd", "adam"):
+            model = _model(strategy, lambda: _make(kind, 1))
+            model.fit(data, epochs=1, steps_per_epoch=STEPS, verbose=0)
+            out[kind, horizon] = [w.tolist() for w in model.get_weights()]
+            optimizer = model.optimizer
+            out[kind, horizon, "layout"] = {
+                "variables": layout(model.trainable_variables),
+                "slots": [slot_layout(s) for s in optimizer.worker_momentums],
+                "sums": layout(optimizer.momentum_sums),
+                # Keras' own slots (Adam's v) too: shard by shard beside it
+                "keras_slots": layout(getattr(optimizer, "_velocities", [])),
+            }
+            out[kind, horizon, "sum_error"] = max(
+                float(np.abs(np.concatenate([np.asarray(p.numpy()) for p in
+                                             (s if isinstance(s, list) else [s])], axis=1)[0]
+                             - np.asarray(t.numpy())).max())
+                for s, t in zip(optimizer.worker_momentums, optimizer.momentum_sums))
+    # save/load of the last model (Adam, horizon 1): same state, same next steps
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "dana_zero.keras")
+        model.save(path)
+        with strategy.scope():
+            loaded = keras.models.load_model(path)
+    out["loaded_layout"] = {
+        "variables": layout(loaded.trainable_variables),
+        "slots": [slot_layout(s) for s in loaded.optimizer.worker_momentums],
+        "sums": layout(loaded.optimizer.momentum_sums),
+    }
+    out["loaded_state_error"] = max(
+        float(np.abs(np.asarray(a.numpy()) - np.asarray(b.numpy())).max())
+        for a, b in zip(model.optimizer.variables, loaded.optimizer.variables))
+    for m in (model, loaded):
+        m.fit(data, epochs=1, steps_per_epoch=2, verbose=0)
+    out["continued_error"] = max(float(np.abs(a - b).max())
+                                 for a, b in zip(model.get_weights(), loaded.get_weights()))
+    return out
+
+
+@pytest.mark.slow
+def test_partitioned_variables_have_per_shard_buffers(fresh_process):
+    r = fresh_process(_child_partitioned, timeout=900)
+    for kind in ("sgd", "adam"):
+        for horizon, look_ahead in ((None, False), (1.0, True)):
+            key = f"{kind} horizon {horizon}"
+            want = _np_one_worker(kind, look_ahead)
+            for got, w in zip(r[kind, horizon], want):
+                np.testing.assert_allclose(np.array(got), w, rtol=1e-5, atol=1e-6, err_msg=key)
+            placed = r[kind, horizon, "layout"]
+            # kernel (3, 2) split 2 + 1 rows over both servers, bias (2,) not
+            assert [[s for _, s in v] for v in placed["variables"]] == [
+                [(2, 2), (1, 2)], [(2,)]], (key, placed)
+            assert len({d for d, _ in placed["variables"][0]}) == 2, (key, placed)
+            for variable, slots, total in zip(placed["variables"], placed["slots"],
+                                              placed["sums"]):
+                # per shard: [num_workers, *shard.shape], on the shard's server
+                assert slots == [(d, (1, *s)) for d, s in variable], (key, placed)
+                assert total == variable, (key, placed)  # S: shard by shard beside it
+            if kind == "adam":
+                assert placed["keras_slots"] == placed["variables"], (key, placed)
+            assert r[kind, horizon, "sum_error"] < 1e-6, key
+    loaded = r["loaded_layout"]
+    for variable, slots, total in zip(loaded["variables"], loaded["slots"], loaded["sums"]):
+        assert slots == [(d, (1, *s)) for d, s in variable], loaded
+        assert total == variable, loaded
+    assert r["loaded_state_error"] == 0.0, r["loaded_state_error"]
+    assert r["continued_error"] < 1e-6, r["continued_error"]
 
 
 def _child_two_workers(max_staleness):

@@ -680,14 +680,31 @@ def allow_sharded_variable_updates(strategy) -> None:
     # Keras creates optimizer slots in ``colocate_vars_with(variable)``; for a
     # ShardedVariable that would put the slot on the coordinator. Without the
     # colocation the slot goes through the partitioner like its variable, so
-    # it is sharded across the parameter servers too.
+    # it is sharded across the parameter servers too; its shards land beside
+    # the variable's when the strategy's round robin starts at the server of
+    # the variable's first shard (same shape, same split, same order).
     import contextlib
 
     original_colocate = extended.colocate_vars_with
 
+    @contextlib.contextmanager
+    def round_robin_from(variable):
+        count = getattr(extended, "_variable_count", None)
+        task = tf.DeviceSpec.from_string(variable.variables[0].device).task
+        num_ps = getattr(extended, "_num_ps", None)
+        if count is None or task is None or not num_ps:
+            yield
+            return
+        start = count + (task - count) % num_ps
+        extended._variable_count = start
+        try:
+            yield
+        finally:  # the round robin goes on as if not moved
+            extended._variable_count = count + (extended._variable_count - start)
+
     def colocate_vars_with(colocate_with_variable):
         if isinstance(colocate_with_variable, sharded_variable.ShardedVariable):
-            return contextlib.nullcontext()
+            return round_robin_from(colocate_with_variable)
         return original_colocate(colocate_with_variable)
 
     extended.colocate_vars_with = colocate_vars_with

@@ -37,8 +37,11 @@ buffer, read and written as one row per step: O(size), not O(M·size)) and a
 running sum S (``+= new − old`` on every apply, the atomic
 AssignAddVariableOp on a parameter server: only worker i writes row i, so
 concurrent applies of different workers keep S = Σ_j m^j up to rounding).
-The prediction reads S only. Adam also keeps v and an exact int64
-``global_step``. Row-sparse (embedding) gradients are densified: every
+For a variable split over parameter servers (``variable_partitioner``) the
+buffers are one ``[num_workers, *shard.shape]`` slot per shard, on the
+shard's server (worker i's buffer: row i of each, concatenated), and S is
+partitioned like the variable. The prediction reads S only. Adam also keeps
+v and an exact int64 ``global_step``. Row-sparse (embedding) gradients are densified: every
 worker's buffer row of the table decays as in Keras' momentum semantics.
 
 Seam (``tf_async.staleness``): the worker is ``staleness.current_worker()``
@@ -104,20 +107,29 @@ class _WorkerMomenta:
                 self._momentum_sums.append(None)
                 continue
             name = variable.path.replace("/", "_")
-            with self._distribution_strategy.extended.colocate_vars_with(
-                _keras_fit.raw_variable(variable)
-            ):
-                self._worker_momentums.append(self.add_variable(
-                    shape=(self.num_workers, *variable.shape), dtype=variable.dtype,
-                    initializer="zeros", name=f"worker_momentums_{name}",
-                ))
+            # One slot per part: the variable, or each shard of one split over
+            # parameter servers (``variable_partitioner``), colocated with it.
+            parts = (_keras_fit.variable_shards(variable)
+                     or [_keras_fit.raw_variable(variable)])
+            slots = []
+            for k, part in enumerate(parts):
+                suffix = f"_shard_{k}" if len(parts) > 1 else ""
+                with self._distribution_strategy.extended.colocate_vars_with(part):
+                    slots.append(self.add_variable(
+                        shape=(self.num_workers, *part.shape), dtype=variable.dtype,
+                        initializer="zeros", name=f"worker_momentums_{name}{suffix}",
+                    ))
+            self._worker_momentums.append(slots)
             self._momentum_sums.append(
                 self.add_variable_from_reference(variable, "momentum_sum"))
 
     @property
     def worker_momentums(self) -> list:
-        """Per trainable variable the ``[num_workers, *shape]`` buffers."""
-        return list(self._worker_momentums)
+        """Per trainable variable the ``[num_workers, *shape]`` buffers; for a
+        variable split over parameter servers a list, per shard the
+        ``[num_workers, *shard.shape]`` buffers on that shard's server."""
+        return [slots if slots is None or len(slots) > 1 else slots[0]
+                for slots in self._worker_momentums]
 
     @property
     def momentum_sums(self) -> list:
@@ -125,15 +137,20 @@ class _WorkerMomenta:
         return list(self._momentum_sums)
 
     def _worker_row(self, variable):
-        """(slot, worker, worker's buffer) for ``variable``'s update."""
-        slot = self._worker_momentums[self._get_variable_index(variable)]
+        """(slots, worker, worker's buffer) for ``variable``'s update; a sharded
+        variable's buffer is its rows of every shard's slot, concatenated."""
+        slots = self._worker_momentums[self._get_variable_index(variable)]
         worker = staleness.current_worker()
-        return slot, worker, tf.gather(_keras_fit.raw_variable(slot), worker)
+        rows = [tf.gather(_keras_fit.raw_variable(slot), worker) for slot in slots]
+        return slots, worker, rows[0] if len(rows) == 1 else tf.concat(rows, axis=0)
 
-    def _store_row(self, variable, slot, worker, old, new) -> None:
-        """Worker's buffer ← ``new``; S += new − old."""
-        raw = _keras_fit.raw_variable(slot)
-        raw.scatter_update(tf.IndexedSlices(new[None], worker[None]))
+    def _store_row(self, variable, slots, worker, old, new) -> None:
+        """Worker's buffer ← ``new`` (split by shard); S += new − old."""
+        parts = [new] if len(slots) == 1 else tf.split(
+            new, [int(slot.shape[1]) for slot in slots], axis=0)
+        for slot, part in zip(slots, parts):
+            raw = _keras_fit.raw_variable(slot)
+            raw.scatter_update(tf.IndexedSlices(part[None], worker[None]))
         total = self._momentum_sums[self._get_variable_index(variable)]
         self.assign_add(total, ops.subtract(new, old))
 
@@ -189,10 +206,10 @@ class DanaZeroSGD(_WorkerMomenta, keras.optimizers.Optimizer):
         """m^i ← μ·m^i − lr·g; w ← w + m^i (Keras SGD's arithmetic, on row i)."""
         learning_rate = ops.cast(learning_rate, variable.dtype)
         gradient = _dense(gradient, variable)
-        slot, worker, m = self._worker_row(variable)
+        slots, worker, m = self._worker_row(variable)
         momentum = ops.cast(self.momentum, variable.dtype)
         new = ops.subtract(ops.multiply(m, momentum), ops.multiply(gradient, learning_rate))
-        self._store_row(variable, slot, worker, m, new)
+        self._store_row(variable, slots, worker, m, new)
         self.assign_add(variable, new)
 
     def predict_weights(self, variable, value, horizon, ids=None):
@@ -245,10 +262,10 @@ class DanaZeroAdam(ExactGlobalStep, _WorkerMomenta, keras.optimizers.Optimizer):
         """Keras Adam's arithmetic with worker i's first moment (row i)."""
         gradient = _dense(gradient, variable)
         alpha = adam_alpha(self, variable.dtype, learning_rate, step)
-        slot, worker, m = self._worker_row(variable)
+        slots, worker, m = self._worker_row(variable)
         v = self._velocities[self._get_variable_index(variable)]
         new = ops.add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
-        self._store_row(variable, slot, worker, m, new)
+        self._store_row(variable, slots, worker, m, new)
         self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
         self.assign_sub(
             variable, ops.divide(ops.multiply(new, alpha), ops.add(ops.sqrt(v), self.epsilon)))
