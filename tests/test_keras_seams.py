@@ -301,6 +301,14 @@ def test_aps_tf_distribute_internals_exist():
     assert not _keras_fit.stranded_on_localhost([data])  # not connected to a cluster
     extended = parameter_server_strategy_v2.ParameterServerStrategyV2Extended
     assert hasattr(extended, "_update") and hasattr(extended, "colocate_vars_with")
+    # allow_sharded_variable_updates starts a sharded variable's slots at the
+    # server of its first shard: TF's round robin places variable k on
+    # ps task ``_variable_count % _num_ps`` and then counts it.
+    import inspect
+
+    round_robin = inspect.getsource(extended._create_variable_round_robin)
+    assert "self._variable_count % self._num_ps" in round_robin.replace("\n", " ")
+    assert "self._variable_count += 1" in round_robin
     for op in ("ResourceCountUpTo", "ResourceScatterMax", "ResourceScatterUpdate",
                "DatasetToGraphV2"):
         assert hasattr(tf.raw_ops, op), op

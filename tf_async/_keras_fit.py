@@ -316,6 +316,12 @@ def variable_shards(variable):
 #   update_step-like fn, ...)`` once per variable) is wrapped per strategy
 #   instance so a :func:`guarded_updates` guard can run a variable's update
 #   inside a lock (embedding tables' row updates, ``strategies/_table_locks``).
+# * ``allow_sharded_variable_updates`` — TF's ``_update`` (above) and
+#   ``colocate_vars_with``: a slot of a ``ShardedVariable`` is created without
+#   the colocation (partitioned like its variable), with the round robin
+#   (``_variable_count`` % ``_num_ps`` in ``_create_variable_round_robin``)
+#   started at the server of the variable's first shard, so each slot shard
+#   lands beside its variable shard.
 # * Trainer internals the plugin fit loop uses: ``_loss_tracker``,
 #   ``_compute_loss``, ``_compile_metrics``, ``_call_has_training_arg``,
 #   ``_distribute_strategy``, ``_initial_epoch`` (BackupAndRestore),
