@@ -4,7 +4,7 @@ at w + 2·μ·m (NumPy reference), also under GapAware (the gap is measured from
 the prediction); with the default horizon (num_workers − 1 = 0) DanaSGD
 equals Keras SGD. On two parameter servers with a ``variable_partitioner``
 the look-ahead also covers a table read by rows (split over both) and a
-sharded dense kernel."""
+sharded dense kernel, and GapAware / StalenessScaled work on sharded weights."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def _child_split():
     import tensorflow as tf
 
     import tf_async
-    from tf_async.keras_optimizers import DanaSGD
+    from tf_async.keras_optimizers import DanaSGD, GapAware, StalenessScaled
 
     x, y = _table_data()
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x)).repeat()
@@ -142,6 +142,23 @@ def _child_split():
         model.fit(data, epochs=1, steps_per_epoch=TABLE_STEPS, verbose=0)
         out[horizon] = [w.tolist() for w in model.get_weights()]
         out["shards"] = [len(getattr(v.value, "variables", [v])) for v in model.trainable_variables]
+    # The wrappers that read a weight around the inner step, on sharded weights
+    # (the linear problem's kernel and bias split over both servers).
+    x, y = _data()
+    linear = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+    runs = {"gap_aware": (2.0, lambda: GapAware(DanaSGD(LR, MU), step_average=0.5)),
+            "staleness_scaled": (None, lambda: StalenessScaled(
+                keras.optimizers.SGD(LR, momentum=MU)))}
+    for key, (horizon, make) in runs.items():
+        strategy.look_ahead_horizon = horizon
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+            model.set_weights(_init())
+            model.compile(make(), "mse")
+        model.fit(linear, epochs=1, steps_per_epoch=STEPS, verbose=0)
+        out[key] = [w.tolist() for w in model.get_weights()]
+        out[key, "shards"] = [len(getattr(v.value, "variables", [v]))
+                              for v in model.trainable_variables]
     return out
 
 
@@ -155,4 +172,11 @@ def test_look_ahead_covers_split_tables_and_sharded_variables(fresh_process):
             np.testing.assert_allclose(np.array(got), w, rtol=1e-5, atol=1e-6,
                                        err_msg=f"horizon {horizon}")
     assert np.abs(_np_dana_table(2.0)[0] - _np_dana_table(0.0)[0]).max() > 1e-3
+    # GapAware's gap from the prediction and StalenessScaled (τ = 0: Keras
+    # momentum SGD) on sharded weights: the same numbers as unsplit
+    for key, want in (("gap_aware", _np_dana(2.0, gap_aware_beta=0.5)),
+                      ("staleness_scaled", _np_dana(0.0))):
+        assert r[key, "shards"] == [2, 2], r[key, "shards"]
+        for got, w in zip(r[key], want):
+            np.testing.assert_allclose(np.array(got), w, rtol=1e-5, atol=1e-6, err_msg=key)
 

@@ -152,13 +152,14 @@ class GapAware(_wrapper.InnerOptimizerWrapper):
                 ids = _sparse_rows.unique_ids(gradient)
                 updated.append((raw, avg_step, ids, _sparse_rows.gather(raw, ids)))
             else:
-                updated.append((raw, avg_step, None, raw.read_value()))
+                updated.append((raw, avg_step, None, tf.convert_to_tensor(raw)))  # sharded too
             penalised.append(self._penalised(gradient, variable, applies))
         self.inner_optimizer.apply(penalised, variables)
 
         def average(distribution):
             for raw, avg_step, ids, before in updated:
-                after = raw.read_value() if ids is None else _sparse_rows.gather(raw, ids)
+                after = (tf.convert_to_tensor(raw) if ids is None
+                         else _sparse_rows.gather(raw, ids))
                 distribution.extended.update(
                     avg_step, _average_step, args=(ids, before, after, self.step_average),
                     group=False,

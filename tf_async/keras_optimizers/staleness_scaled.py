@@ -59,7 +59,7 @@ def _shrink(variable, before, keep, ids=None):
     if ids is not None:
         excess = (1 - keep) * (_sparse_rows.gather(variable, ids) - before)
         return _sparse_rows.scatter_sub(variable, ids, excess)
-    excess = (1 - keep) * (variable.read_value() - before)
+    excess = (1 - keep) * (tf.convert_to_tensor(variable) - before)  # sharded too
     return variable.assign_sub(excess)
 
 
@@ -120,7 +120,7 @@ class StalenessScaled(_wrapper.InnerOptimizerWrapper):
                 ids = _sparse_rows.unique_ids(gradient)
                 updated.append((raw, _sparse_rows.gather(raw, ids), ids))
             else:
-                updated.append((raw, raw.read_value(), None))
+                updated.append((raw, tf.convert_to_tensor(raw), None))
         keep = self.factor(context.tau)
         self.inner_optimizer.apply(grads, variables)
 
