@@ -81,6 +81,30 @@ def _model(strategy, optimizer_fn, hidden=False, **compile_kwargs):
     return model
 
 
+def _layout(variables):
+    """Per variable, (device, shape) of each shard (one pair if not split)."""
+    from tf_async import _keras_fit
+
+    return [[(part.device, tuple(part.shape)) for part in
+             (_keras_fit.variable_shards(v) or [_keras_fit.raw_variable(v)])]
+            for v in variables]
+
+
+def _slot_layout(slots):
+    """(device, shape) pairs of DANA-Zero's buffer slots of one variable (a
+    list of per-shard slots, or one slot)."""
+    return [pair for piece in _layout(slots if isinstance(slots, list) else [slots])
+            for pair in piece]
+
+
+def _buffer(slots):
+    """A variable's ``[num_workers, *shape]`` buffers as one array (shards joined)."""
+    import numpy as np
+
+    parts = slots if isinstance(slots, list) else [slots]
+    return np.concatenate([np.asarray(p.numpy()) for p in parts], axis=1)
+
+
 def _child_one_worker():
     import tensorflow as tf
 
@@ -131,16 +155,6 @@ def _child_partitioned():
     import tensorflow as tf
 
     import tf_async
-    from tf_async import _keras_fit
-
-    def layout(variables):
-        return [[(part.device, tuple(part.shape)) for part in
-                 (_keras_fit.variable_shards(v) or [_keras_fit.raw_variable(v)])]
-                for v in variables]
-
-    def slot_layout(slots):  # a list of per-shard slots, or one slot
-        return [pair for piece in layout(slots if isinstance(slots, list) else [slots])
-                for pair in piece]
 
     x, y = _data()
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
@@ -157,16 +171,14 @@ def _child_partitioned():
             out[kind, horizon] = [w.tolist() for w in model.get_weights()]
             optimizer = model.optimizer
             out[kind, horizon, "layout"] = {
-                "variables": layout(model.trainable_variables),
-                "slots": [slot_layout(s) for s in optimizer.worker_momentums],
-                "sums": layout(optimizer.momentum_sums),
+                "variables": _layout(model.trainable_variables),
+                "slots": [_slot_layout(s) for s in optimizer.worker_momentums],
+                "sums": _layout(optimizer.momentum_sums),
                 # Keras' own slots (Adam's v) too: shard by shard beside it
-                "keras_slots": layout(getattr(optimizer, "_velocities", [])),
+                "keras_slots": _layout(getattr(optimizer, "_velocities", [])),
             }
             out[kind, horizon, "sum_error"] = max(
-                float(np.abs(np.concatenate([np.asarray(p.numpy()) for p in
-                                             (s if isinstance(s, list) else [s])], axis=1)[0]
-                             - np.asarray(t.numpy())).max())
+                float(np.abs(_buffer(s)[0] - np.asarray(t.numpy())).max())
                 for s, t in zip(optimizer.worker_momentums, optimizer.momentum_sums))
     # save/load of the last model (Adam, horizon 1): same state, same next steps
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,9 +187,9 @@ def _child_partitioned():
         with strategy.scope():
             loaded = keras.models.load_model(path)
     out["loaded_layout"] = {
-        "variables": layout(loaded.trainable_variables),
-        "slots": [slot_layout(s) for s in loaded.optimizer.worker_momentums],
-        "sums": layout(loaded.optimizer.momentum_sums),
+        "variables": _layout(loaded.trainable_variables),
+        "slots": [_slot_layout(s) for s in loaded.optimizer.worker_momentums],
+        "sums": _layout(loaded.optimizer.momentum_sums),
     }
     out["loaded_state_error"] = max(
         float(np.abs(np.asarray(a.numpy()) - np.asarray(b.numpy())).max())
@@ -219,7 +231,7 @@ def test_partitioned_variables_have_per_shard_buffers(fresh_process):
     assert r["continued_error"] < 1e-6, r["continued_error"]
 
 
-def _child_two_workers(max_staleness):
+def _child_two_workers(max_staleness, partitioned):
     import numpy as np
     import tensorflow as tf
 
@@ -229,8 +241,12 @@ def _child_two_workers(max_staleness):
     steps = 40
     x, y = _data(steps)
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+    # partitioned: kernels (3, 4) and (4, 2) split 2 + 1 and 2 + 2 rows, biases not
+    partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
+        min_shard_bytes=16, max_shards=2) if partitioned else None
     strategy = tf_async.strategies.AsyncParameterServerStrategy(
-        tf_async.local_cluster(workers=2, ps=2), max_staleness=max_staleness)
+        tf_async.local_cluster(workers=2, ps=2), max_staleness=max_staleness,
+        variable_partitioner=partitioner)
     out = {}
     runs = {"sgd": (lambda: _make("sgd", 2), 1),
             "gap_aware_adam": (lambda: GapAware(_make("adam", 2)), 4)}
@@ -239,7 +255,7 @@ def _child_two_workers(max_staleness):
         history = model.fit(data, epochs=2, steps_per_epoch=steps // 2, verbose=0)
         optimizer = model.optimizer
         inner = getattr(optimizer, "inner_optimizer", optimizer)
-        rows = [np.asarray(s.numpy()) for s in inner.worker_momentums]
+        rows = [_buffer(s) for s in inner.worker_momentums]
         sums = [np.asarray(s.numpy()) for s in inner.momentum_sums]
         out[key] = {
             "iterations": int(optimizer.iterations.numpy()),
@@ -250,18 +266,20 @@ def _child_two_workers(max_staleness):
             "sum_error": max(float(np.abs(r.sum(0) - s).max()) for r, s in zip(rows, sums)),
             "finite": all(bool(np.all(np.isfinite(w))) for w in model.get_weights()),
             "tau_max": history.history["staleness_max"],
-            # each buffer slot and sum lives on its variable's parameter server
-            "devices": [(v.value.device, w.value.device, t.value.device) for v, w, t in
-                        zip(model.trainable_variables, inner.worker_momentums,
-                            inner.momentum_sums)],
+            # each buffer slot and sum lives on its variable's (shard's) server
+            "layout": {"variables": _layout(model.trainable_variables),
+                       "slots": [_slot_layout(s) for s in inner.worker_momentums],
+                       "sums": _layout(inner.momentum_sums)},
         }
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("max_staleness", [None, 1], ids=["async", "ssp1"])
-def test_two_workers_fill_both_buffers_and_count_exactly(fresh_process, max_staleness):
-    r = fresh_process(_child_two_workers, max_staleness, timeout=900)
+@pytest.mark.parametrize("max_staleness, partitioned", [(None, False), (1, False), (None, True)],
+                         ids=["async", "ssp1", "async_partitioned"])
+def test_two_workers_fill_both_buffers_and_count_exactly(
+        fresh_process, max_staleness, partitioned):
+    r = fresh_process(_child_two_workers, max_staleness, partitioned, timeout=900)
     for key, result in r.items():
         assert result["iterations"] == 40, (key, result)
         assert result["version"] == 40, (key, result)
@@ -274,6 +292,12 @@ def test_two_workers_fill_both_buffers_and_count_exactly(fresh_process, max_stal
         assert result["sum_error"] < 1e-5, (key, result)
         if max_staleness is not None:
             assert max(result["tau_max"]) <= max_staleness, (key, result)
-        assert len({d[0] for d in result["devices"]}) == 2, result["devices"]
-        for variable, slot, total in result["devices"]:
-            assert variable == slot == total, result["devices"]
+        placed = result["layout"]
+        assert len({d for v in placed["variables"] for d, _ in v}) == 2, placed
+        if partitioned:
+            assert [len(v) for v in placed["variables"]] == [2, 1, 2, 1], placed
+        for variable, slots, total in zip(placed["variables"], placed["slots"],
+                                          placed["sums"]):
+            # per shard: [2 workers, *shard.shape] and S, on the shard's server
+            assert slots == [(d, (2, *s)) for d, s in variable], placed
+            assert total == variable, placed
