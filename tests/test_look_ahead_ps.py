@@ -4,7 +4,7 @@ at w + 2·μ·m (NumPy reference), also under GapAware (the gap is measured from
 the prediction); with the default horizon (num_workers − 1 = 0) DanaSGD
 equals Keras SGD. On two parameter servers with a ``variable_partitioner``
 the look-ahead also covers a table read by rows (split over both) and a
-sharded dense kernel, and GapAware / StalenessScaled work on sharded weights."""
+sharded dense kernel, and GapAware / StalenessScaled / DCSGD work on sharded weights."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def _child_split():
     import tensorflow as tf
 
     import tf_async
-    from tf_async.keras_optimizers import DanaSGD, GapAware, StalenessScaled
+    from tf_async.keras_optimizers import DCSGD, DanaSGD, GapAware, StalenessScaled
 
     x, y = _table_data()
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x)).repeat()
@@ -148,7 +148,8 @@ def _child_split():
     linear = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
     runs = {"gap_aware": (2.0, lambda: GapAware(DanaSGD(LR, MU), step_average=0.5)),
             "staleness_scaled": (None, lambda: StalenessScaled(
-                keras.optimizers.SGD(LR, momentum=MU)))}
+                keras.optimizers.SGD(LR, momentum=MU))),
+            "dc_sgd": (None, lambda: DCSGD(LR, momentum=MU, lambda_=2.0))}
     for key, (horizon, make) in runs.items():
         strategy.look_ahead_horizon = horizon
         with strategy.scope():
@@ -172,10 +173,10 @@ def test_look_ahead_covers_split_tables_and_sharded_variables(fresh_process):
             np.testing.assert_allclose(np.array(got), w, rtol=1e-5, atol=1e-6,
                                        err_msg=f"horizon {horizon}")
     assert np.abs(_np_dana_table(2.0)[0] - _np_dana_table(0.0)[0]).max() > 1e-3
-    # GapAware's gap from the prediction and StalenessScaled (τ = 0: Keras
-    # momentum SGD) on sharded weights: the same numbers as unsplit
+    # GapAware's gap from the prediction, StalenessScaled and DCSGD (τ = 0:
+    # Keras momentum SGD) on sharded weights: the same numbers as unsplit
     for key, want in (("gap_aware", _np_dana(2.0, gap_aware_beta=0.5)),
-                      ("staleness_scaled", _np_dana(0.0))):
+                      ("staleness_scaled", _np_dana(0.0)), ("dc_sgd", _np_dana(0.0))):
         assert r[key, "shards"] == [2, 2], r[key, "shards"]
         for got, w in zip(r[key], want):
             np.testing.assert_allclose(np.array(got), w, rtol=1e-5, atol=1e-6, err_msg=key)
